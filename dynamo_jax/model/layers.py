@@ -1,0 +1,174 @@
+"""GPT-NeoX building blocks as Flax Linen modules over plain parameter pytrees.
+
+Every parameter carries logical axis names (see `LOGICAL_AXES`); the training
+code maps them onto a device mesh with one rules table. Shape letters are
+defined in `dynamo_jax.model.config`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dynamo_jax.model.config import PythiaConfig
+
+# Logical axis names used by parameters and caches.
+LOGICAL_AXES = ("vocab", "embed", "heads", "qkv", "head_dim", "mlp")
+
+Cache = dict[str, jax.Array]  # {"k": [B,S,H,K], "v": [B,S,H,K]}
+
+
+def _param(module: nn.Module, name: str, shape, axes, init, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      jnp.dtype(dtype))
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with bias; statistics in float32 (as torch does for fp32)."""
+  config: PythiaConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.config
+    d = x_BxTxD.shape[-1]
+    scale = _param(self, "scale", (d,), ("embed",), nn.initializers.ones,
+                   cfg.param_dtype)
+    bias = _param(self, "bias", (d,), ("embed",), nn.initializers.zeros,
+                  cfg.param_dtype)
+    x = x_BxTxD.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + cfg.layer_norm_eps)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(cfg.dtype)
+
+
+def rotary_cos_sin(config: PythiaConfig, positions_BxT):
+  """cos, sin of shape [B, T, 1, rotary_dim] in float32 (rotate-half layout)."""
+  rd = config.rotary_dim
+  inv_freq = 1.0 / (config.rotary_emb_base
+                    ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd))
+  freqs = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x_BxTxHxK, cos, sin, rotary_dim: int):
+  """Rotates the first `rotary_dim` dims of each head; the rest pass through."""
+  if rotary_dim == 0:
+    return x_BxTxHxK
+  x = x_BxTxHxK.astype(jnp.float32)
+  x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+  half = rotary_dim // 2
+  rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+  x_rot = x_rot * cos + rotated * sin
+  return jnp.concatenate([x_rot, x_pass], axis=-1).astype(x_BxTxHxK.dtype)
+
+
+def write_cache(cache_BxSxHxK, new_BxTxHxK, end_B):
+  """Writes each row's T new entries at that row's own end index."""
+  return jax.vmap(
+      lambda c, u, e: jax.lax.dynamic_update_slice(c, u, (e, 0, 0))
+  )(cache_BxSxHxK, new_BxTxHxK.astype(cache_BxSxHxK.dtype), end_B)
+
+
+class Attention(nn.Module):
+  """Causal self-attention with fused per-head QKV and partial rotary."""
+  config: PythiaConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, cache: Cache | None = None,
+               end_B=None):
+    cfg = self.config
+    d, h, k = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    init = nn.initializers.normal(0.02)
+    # GPT-NeoX interleaves the fused QKV projection per head: [H, 3, K].
+    w_qkv = _param(self, "qkv_kernel", (d, h, 3, k),
+                   ("embed", "heads", "qkv", "head_dim"), init, cfg.param_dtype)
+    b_qkv = _param(self, "qkv_bias", (h, 3, k), ("heads", "qkv", "head_dim"),
+                   nn.initializers.zeros, cfg.param_dtype)
+    w_out = _param(self, "out_kernel", (h, k, d), ("heads", "head_dim", "embed"),
+                   init, cfg.param_dtype)
+    b_out = _param(self, "out_bias", (d,), ("embed",), nn.initializers.zeros,
+                   cfg.param_dtype)
+
+    qkv_BxTxHx3xK = jnp.einsum("btd,dhck->bthck", x_BxTxD,
+                               w_qkv.astype(cfg.dtype)) + b_qkv.astype(cfg.dtype)
+    q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (qkv_BxTxHx3xK[:, :, :, i]
+                                       for i in range(3))
+    cos, sin = rotary_cos_sin(cfg, positions_BxT)
+    q_BxTxHxK = apply_rotary(q_BxTxHxK, cos, sin, cfg.rotary_dim)
+    k_BxTxHxK = apply_rotary(k_BxTxHxK, cos, sin, cfg.rotary_dim)
+
+    if cache is None:
+      keys_BxSxHxK, values_BxSxHxK = k_BxTxHxK, v_BxTxHxK
+      key_pos_BxS = positions_BxT
+      new_cache = None
+    else:
+      keys_BxSxHxK = write_cache(cache["k"], k_BxTxHxK, end_B)
+      values_BxSxHxK = write_cache(cache["v"], v_BxTxHxK, end_B)
+      s = keys_BxSxHxK.shape[1]
+      key_pos_BxS = jnp.broadcast_to(jnp.arange(s), (x_BxTxD.shape[0], s))
+      new_cache = {"k": keys_BxSxHxK, "v": values_BxSxHxK}
+
+    # Scores and softmax in float32; scaling 1/sqrt(head_dim) as GPT-NeoX.
+    scores_BxHxTxS = jnp.einsum(
+        "bthk,bshk->bhts", q_BxTxHxK, keys_BxSxHxK.astype(cfg.dtype),
+        preferred_element_type=jnp.float32) * (k ** -0.5)
+    # Causal by position: a key is visible iff its position <= the query's.
+    # Cache slots past the query are either unwritten or this call's own
+    # later tokens, so this one mask is exact for cached and uncached calls.
+    mask_BxTxS = key_pos_BxS[:, None, :] <= positions_BxT[:, :, None]
+    scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS,
+                               jnp.finfo(jnp.float32).min)
+    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(cfg.dtype)
+    out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS,
+                             values_BxSxHxK.astype(cfg.dtype))
+    y_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxHxK,
+                         w_out.astype(cfg.dtype)) + b_out.astype(cfg.dtype)
+    return y_BxTxD, new_cache
+
+
+class Mlp(nn.Module):
+  config: PythiaConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.config
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    init = nn.initializers.normal(0.02)
+    w_in = _param(self, "in_kernel", (d, f), ("embed", "mlp"), init,
+                  cfg.param_dtype)
+    b_in = _param(self, "in_bias", (f,), ("mlp",), nn.initializers.zeros,
+                  cfg.param_dtype)
+    w_out = _param(self, "out_kernel", (f, d), ("mlp", "embed"), init,
+                   cfg.param_dtype)
+    b_out = _param(self, "out_bias", (d,), ("embed",), nn.initializers.zeros,
+                   cfg.param_dtype)
+    h_BxTxF = x_BxTxD @ w_in.astype(cfg.dtype) + b_in.astype(cfg.dtype)
+    h_BxTxF = jax.nn.gelu(h_BxTxF, approximate=cfg.hidden_act == "gelu_tanh")
+    return h_BxTxF @ w_out.astype(cfg.dtype) + b_out.astype(cfg.dtype)
+
+
+class DecoderLayer(nn.Module):
+  """One GPT-NeoX layer; parallel or sequential residual per the config."""
+  config: PythiaConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, cache: Cache | None = None,
+               end_B=None) -> tuple[Any, Cache | None]:
+    cfg = self.config
+    attn_BxTxD, new_cache = Attention(cfg, name="attention")(
+        LayerNorm(cfg, name="input_layernorm")(x_BxTxD), positions_BxT,
+        cache, end_B)
+    post_ln = LayerNorm(cfg, name="post_attention_layernorm")
+    mlp = Mlp(cfg, name="mlp")
+    if cfg.use_parallel_residual:
+      y_BxTxD = x_BxTxD + attn_BxTxD + mlp(post_ln(x_BxTxD))
+    else:
+      h_BxTxD = x_BxTxD + attn_BxTxD
+      y_BxTxD = h_BxTxD + mlp(post_ln(h_BxTxD))
+    return y_BxTxD, new_cache

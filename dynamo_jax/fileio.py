@@ -131,12 +131,15 @@ def write_safetensors(path: str, specs: Mapping[str, tuple[tuple[int, ...], np.d
     header["__metadata__"] = dict(metadata)
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
-  expected = iter(specs.items())
+  produced = iter(tensors)
   with open(path, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
-    for name, array in tensors:
-      want_name, (shape, dtype) = next(expected)
+    for want_name, (shape, dtype) in specs.items():
+      item = next(produced, None)
+      if item is None:
+        raise ValueError(f"tensor stream ended before {want_name}")
+      name, array = item
       array = np.ascontiguousarray(array)
       if (name, tuple(array.shape), array.dtype) != (want_name, tuple(shape),
                                                      np.dtype(dtype)):
@@ -145,6 +148,6 @@ def write_safetensors(path: str, specs: Mapping[str, tuple[tuple[int, ...], np.d
       f.write(array.reshape(-1).view(np.uint8).data)
       if progress:
         progress(name)
-    if next(expected, None) is not None:
-      raise ValueError("fewer tensors than specs were written")
+    if next(produced, None) is not None:  # also lets generators finish
+      raise ValueError("more tensors than specs")
   return offset

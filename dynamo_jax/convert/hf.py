@@ -151,7 +151,7 @@ def from_hf(path_or_id: str, *, revision: str | None = None, dtype=None,
   params: Params = {}
   specs, arrays = checked_tensors(config, TensorSource(directory),
                                   np.dtype(jnp.dtype(dtype)), progress, "loading")
-  for spec, array in zip(specs, arrays):
+  for array, spec in zip(arrays, specs):  # arrays first: ends its bar
     node = params
     for key in spec.path[:-1]:
       node = node.setdefault(key, {})

@@ -127,7 +127,8 @@ def convert_hf_to_native(src: str, out_dir: str, *, revision: str | None = None,
   with atomic_dir(out_dir) as tmp:
     _write_config(tmp, config)
     write_safetensors(os.path.join(tmp, PARAMS_FILE),
-                      {n: shapes[n] for n in names}, zip(names, arrays),
+                      {n: shapes[n] for n in names},
+                      ((n, a) for a, n in zip(arrays, names)),
                       {"format": "dynamo_jax"})
     copy_tokenizer(directory, tmp)
   return out_dir

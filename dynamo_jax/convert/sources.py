@@ -85,6 +85,12 @@ class TensorSource:
           f"no weights in {directory}: expected model.safetensors, "
           "model.safetensors.index.json, pytorch_model.bin or "
           "pytorch_model.bin.index.json.")
+    # transformers >= 5 names the output projection lm_head in memory (and so
+    # in a torch.save of its state dict); files on the hub say embed_out.
+    self._alias = {}
+    if "lm_head.weight" in self._where and "embed_out.weight" not in self._where:
+      self._alias["embed_out.weight"] = "lm_head.weight"
+      self._where["embed_out.weight"] = self._where.pop("lm_head.weight")
 
   def _index(self, path):
     try:
@@ -114,6 +120,7 @@ class TensorSource:
 
   def get(self, name: str) -> np.ndarray:
     path = self._where[name]
+    name = self._alias.get(name, name)
     if path.endswith(".safetensors"):
       reader = self._reader(path)
       if name not in reader.keys():

@@ -1,0 +1,19 @@
+"""dynamo_jax: DynaMo multi-token prediction on Pythia, in JAX/Flax.
+
+Public API:
+  from_hf(path_or_id, *, revision=None, dtype=None) -> (config, params)
+  to_hf(config, params, out_dir)
+  forward(config, params, input_ids) -> logits float32 [B, T, V]
+  generate(config, params, input_ids, *, max_new_tokens, mode="ar", ...)
+"""
+
+from dynamo_jax.convert import from_hf, to_hf
+from dynamo_jax.convert.native import load as load_native
+from dynamo_jax.convert.native import save as save_native
+from dynamo_jax.decoding import GenerateOutput, generate
+from dynamo_jax.errors import CheckpointError, ConfigError, DynamoError, InputError
+from dynamo_jax.model import (PRESETS, PythiaConfig, forward, forward_cached,
+                              init_cache, init_params, param_axes, preset,
+                              tiny_config)
+
+__version__ = "0.1.0"

@@ -1,0 +1,133 @@
+"""Command line: `python -m dynamo_jax {convert,generate} ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from dynamo_jax.errors import DynamoError
+
+_BYTE_VOCAB_NOTE = (
+    "note: no --model given and no embedded model ships yet, so this runs a "
+    "randomly initialised tiny Pythia (prompt encoded as UTF-8 bytes); its "
+    "output is noise. Pass --model with an HF checkpoint directory or hub id "
+    "(e.g. EleutherAI/pythia-70m) for real text.")
+
+
+def _convert(args) -> None:
+  from dynamo_jax.convert import native  # pylint: disable=import-outside-toplevel
+  from dynamo_jax.convert.hf import to_hf  # pylint: disable=import-outside-toplevel
+  if args.to_hf:
+    if not native.is_native(args.src):
+      raise DynamoError(f"--to-hf expects a dynamo_jax checkpoint directory as "
+                        f"SRC; {args.src} has no {native.CONFIG_FILE}.")
+    config, params = native.load(args.src)
+    to_hf(config, params, args.out, progress=True, tokenizer_dir=args.src)
+  else:
+    native.convert_hf_to_native(args.src, args.out, revision=args.revision,
+                                dtype=args.dtype, progress=True)
+  print(f"wrote {args.out}", file=sys.stderr)
+
+
+class _ByteTokenizer:
+  """UTF-8 bytes as token ids; only for the random tiny fallback model."""
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids) -> str:
+    return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def _load_model(model: str | None, revision: str | None, dtype: str | None):
+  # pylint: disable=import-outside-toplevel
+  from dynamo_jax.convert import native
+  from dynamo_jax.convert.hf import from_hf
+  from dynamo_jax.convert.sources import resolve
+  from dynamo_jax.model import init_params, tiny_config
+  if model is None:
+    print(_BYTE_VOCAB_NOTE, file=sys.stderr)
+    config = tiny_config()
+    return config, init_params(config, 0), _ByteTokenizer()
+  directory = resolve(model, revision)
+  if native.is_native(directory):
+    config, params = native.load(directory, dtype=dtype)
+  else:
+    config, params = from_hf(directory, dtype=dtype, progress=True)
+  if not os.path.exists(os.path.join(directory, "tokenizer.json")):
+    raise DynamoError(f"{directory} has no tokenizer.json; copy the model's "
+                      "tokenizer files next to its weights.")
+  import transformers
+  return config, params, transformers.AutoTokenizer.from_pretrained(directory)
+
+
+def _generate(args) -> None:
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from dynamo_jax.decoding import generate  # pylint: disable=import-outside-toplevel
+  if not args.prompt:
+    raise DynamoError("--prompt is empty; give some text to continue.")
+  config, params, tokenizer = _load_model(args.model, args.revision, args.dtype)
+  ids = np.asarray([tokenizer.encode(args.prompt)], np.int32)
+  kwargs = dict(max_new_tokens=args.max_new_tokens, mode=args.mode,
+                greedy=args.greedy, temperature=args.temperature, seed=args.seed)
+  generate(config, params, ids, **kwargs)  # compile outside the timed run
+  start = time.perf_counter()
+  out = generate(config, params, ids, **kwargs)
+  seconds = time.perf_counter() - start
+  new = out.tokens[0].tolist()
+  text = tokenizer.decode(new)
+  result = {"text": text, "token_ids": new, "forward_passes": out.forward_passes,
+            "tokens_per_pass": out.tokens_per_pass, "seconds": seconds}
+  if args.json:
+    print(json.dumps(result))
+  else:
+    print(args.prompt + text)
+    print(f"\n[{len(new)} tokens in {out.forward_passes} forward passes: "
+          f"{out.tokens_per_pass:.2f} tokens/pass, {seconds:.3f} s]",
+          file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m dynamo_jax",
+                                   description=__doc__)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("convert", help="convert a checkpoint")
+  p.add_argument("src", help="HF checkpoint directory or hub id (or, with "
+                 "--to-hf, a dynamo_jax checkpoint directory)")
+  p.add_argument("out", help="output directory (must not exist or be empty)")
+  p.add_argument("--revision", help="hub revision, e.g. step143000")
+  p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                 help="parameter dtype of the output (default float32)")
+  p.add_argument("--to-hf", action="store_true",
+                 help="convert a dynamo_jax checkpoint to an HF directory")
+  p.set_defaults(func=_convert)
+
+  p = sub.add_parser("generate", help="generate text")
+  p.add_argument("--model", help="checkpoint directory (HF or dynamo_jax) or "
+                 "hub id; default: the embedded model")
+  p.add_argument("--revision")
+  p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+  p.add_argument("--prompt", required=True)
+  p.add_argument("--mode", default="ar", choices=["ar"])
+  p.add_argument("--greedy", action="store_true")
+  p.add_argument("--temperature", type=float, default=0.7)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--json", action="store_true",
+                 help="print one JSON object instead of text")
+  p.set_defaults(func=_generate)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    args.func(args)
+  except DynamoError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0

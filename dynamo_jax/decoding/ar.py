@@ -1,0 +1,44 @@
+"""Plain autoregressive decoding with a KV cache, fully jitted.
+
+Prefill writes the prompt into the cache and samples the first new token; a
+`lax.scan` then feeds one token per forward pass. Every pass emits exactly one
+token, so `accepted` is all ones and `forward_passes == max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from dynamo_jax.decoding.sampling import sample_tokens
+from dynamo_jax.model.config import PythiaConfig
+from dynamo_jax.model.pythia import Params, forward_cached, init_cache
+
+# The importable cached step: (config, params, cache, tokens_BxT, lengths_B)
+# -> (logits_BxTxV, cache), with the cache donated (updated in place).
+ar_step = jax.jit(forward_cached, static_argnums=0, donate_argnums=2)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy"))
+def generate_ar(config: PythiaConfig, params: Params, prompt_BxP: jax.Array,
+                key: jax.Array, temperature: jax.Array, *, max_new_tokens: int,
+                greedy: bool) -> jax.Array:
+  """New tokens int32 [B, max_new_tokens] after the prompt [B, P]."""
+  b, p = prompt_BxP.shape
+  cache = init_cache(config, b, p + max_new_tokens)
+  logits_BxPxV, cache = forward_cached(config, params, cache, prompt_BxP)
+  sample = functools.partial(sample_tokens, greedy=greedy,
+                             temperature=temperature)
+  first_B = sample(jax.random.fold_in(key, 0), logits_BxPxV[:, -1])
+
+  def step(carry, i):
+    cache, tok_B = carry
+    logits_Bx1xV, cache = forward_cached(config, params, cache, tok_B[:, None])
+    nxt_B = sample(jax.random.fold_in(key, i), logits_Bx1xV[:, 0])
+    return (cache, nxt_B), tok_B
+
+  (_, last_B), toks_NxB = jax.lax.scan(
+      step, (cache, first_B), jnp.arange(1, max_new_tokens))
+  return jnp.concatenate([toks_NxB.T, last_B[:, None]], axis=1)

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random GPT-NeoX checkpoints made by transformers itself."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+# Dimensions are primes where GPT-NeoX allows it, so a wrong transpose or
+# reshape cannot hide behind equal sizes. head_dim must be even for rotary.
+TINY = dict(vocab_size=211, hidden_size=24, num_hidden_layers=2,
+            num_attention_heads=3, intermediate_size=97,
+            max_position_embeddings=101)
+
+
+def pytest_addoption(parser):
+  parser.addoption("--run-slow", action="store_true",
+                   help="run tests marked slow (network, minutes of CPU)")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--run-slow") or os.environ.get("DYNAMO_RUN_SLOW") == "1":
+    return
+  skip = pytest.mark.skip(reason="slow test: opt in with --run-slow or "
+                          "DYNAMO_RUN_SLOW=1")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
+
+
+def make_hf_model(*, parallel=True, rotary_pct=0.25, seed=0, **overrides):
+  """A random transformers GPTNeoXForCausalLM with weights large enough that
+  every parameter visibly moves the logits (HF's 0.02 init barely does)."""
+  import torch
+  import transformers
+  cfg = transformers.GPTNeoXConfig(**{**TINY, **overrides},
+                                   rotary_pct=rotary_pct,
+                                   use_parallel_residual=parallel)
+  torch.manual_seed(seed)
+  model = transformers.GPTNeoXForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "layernorm" in name or "layer_norm" in name:
+        p.copy_((1.0 if name.endswith("weight") else 0.0)
+                + 0.3 * torch.randn_like(p))
+      else:
+        p.copy_(0.3 * torch.randn_like(p))
+  return model
+
+
+def save_hf(model, directory, fmt="safetensors"):
+  """Saves like a real checkpoint: safetensors via save_pretrained, or a .bin
+  with the tensor names the hub's pytorch_model.bin files use."""
+  import torch
+  model.save_pretrained(directory)
+  if fmt == "bin":
+    os.remove(os.path.join(directory, "model.safetensors"))
+    state = {("embed_out.weight" if k == "lm_head.weight" else k): v
+             for k, v in model.state_dict().items()}
+    torch.save(state, os.path.join(directory, "pytorch_model.bin"))
+  return str(directory)
+
+
+def torch_logits(model, ids):
+  import torch
+  with torch.no_grad():
+    return model(torch.as_tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()
+
+
+def random_params(config, seed=0, scale=0.3):
+  """Random params (not the 0.02 init) so cached/uncached differences show."""
+  from dynamo_jax.model import init_params
+  params = init_params(config, seed)
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype)
+            for x, k in zip(leaves, keys)]
+  return jax.tree.unflatten(tree, leaves)
+
+
+@pytest.fixture
+def rng():
+  return np.random.RandomState(0)

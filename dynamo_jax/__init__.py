@@ -3,7 +3,9 @@
 Public API:
   from_hf(path_or_id, *, revision=None, dtype=None) -> (config, params)
   to_hf(config, params, out_dir)
-  forward(config, params, input_ids) -> logits float32 [B, T, V]
+  forward(config, params, input_ids, all_heads=False) -> logits float32
+      [B, T, V] (head 1), or [N, B, T, V] for all DynaMo token heads
+  add_heads(config, params, n, *, rng, init="random") -> (config, params)
   generate(config, params, input_ids, *, max_new_tokens, mode="ar", ...)
 """
 
@@ -12,7 +14,8 @@ from dynamo_jax.convert.native import load as load_native
 from dynamo_jax.convert.native import save as save_native
 from dynamo_jax.decoding import GenerateOutput, generate
 from dynamo_jax.errors import CheckpointError, ConfigError, DynamoError, InputError
-from dynamo_jax.model import (PRESETS, PythiaConfig, forward, forward_cached,
+from dynamo_jax.model import (DYNAMO_PRESETS, PRESETS, PythiaConfig, add_heads,
+                              dynamo_preset, forward, forward_cached,
                               init_cache, init_params, param_axes, preset,
                               tiny_config)
 

@@ -45,6 +45,11 @@ class PythiaConfig:
   dtype: str = "float32"
   # Storage dtype of parameters.
   param_dtype: str = "float32"
+  # DynaMo: token heads (1 = plain Pythia). Heads 2..N are extra decoder
+  # layers reading `head_input`: "stem" (input of layer L, the paper's
+  # design) or "last" (output of layer L, the paper's ablation).
+  num_token_heads: int = 1
+  head_input: str = "stem"
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
@@ -66,6 +71,12 @@ class PythiaConfig:
     if self.hidden_act not in ("gelu", "gelu_tanh"):
       raise ConfigError(
           f"hidden_act {self.hidden_act!r} unknown; use 'gelu' or 'gelu_tanh'.")
+    if not isinstance(self.num_token_heads, int) or not 1 <= self.num_token_heads <= 8:
+      raise ConfigError(f"num_token_heads must be an integer in 1..8, got "
+                        f"{self.num_token_heads!r}.")
+    if self.head_input not in ("stem", "last"):
+      raise ConfigError(f"head_input must be 'stem' or 'last', got "
+                        f"{self.head_input!r}.")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ConfigError(f"{name} must be one of {_DTYPES}, got "
@@ -84,9 +95,10 @@ class PythiaConfig:
     return dataclasses.replace(self, **changes)
 
   def num_params(self) -> int:
-    """Parameter count, from the shapes alone."""
+    """Parameter count (token heads included), from the shapes alone."""
     d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
-    return 2 * v * d + 2 * d + self.num_layers * layer_params(d, f)
+    layers = self.num_layers + self.num_token_heads - 1
+    return 2 * v * d + 2 * d + layers * layer_params(d, f)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -117,7 +129,10 @@ class PythiaConfig:
     return cls(**_translate_hf(dict(hf)))
 
   def to_hf_config(self) -> dict[str, Any]:
-    """The config.json dict transformers reads as a GPTNeoXConfig."""
+    """The config.json dict transformers reads as a GPTNeoXConfig.
+
+    For a DynaMo model this describes head 1 alone (the base Pythia).
+    """
     act = {"gelu": "gelu", "gelu_tanh": "gelu_new"}[self.hidden_act]
     return {
         "architectures": ["GPTNeoXForCausalLM"],
@@ -273,6 +288,27 @@ def preset(name: str, **changes) -> PythiaConfig:
   if key not in PRESETS:
     raise ConfigError(f"unknown preset {name!r}; known: {sorted(PRESETS)}.")
   return PRESETS[key].replace(**changes)
+
+
+# The paper's DynaMo suite: Pythia base + 2 extra token heads (T3).
+DYNAMO_PRESETS: dict[str, str] = {
+    "dynamo-77m-t3": "pythia-70m",
+    "dynamo-180m-t3": "pythia-160m",
+    "dynamo-430m-t3": "pythia-410m",
+    "dynamo-1.1b-t3": "pythia-1b",
+    "dynamo-1.5b-t3": "pythia-1.4b",
+    "dynamo-2.9b-t3": "pythia-2.8b",
+    "dynamo-7.3b-t3": "pythia-6.9b",
+}
+
+
+def dynamo_preset(name: str, **changes) -> PythiaConfig:
+  """A DynaMo suite preset by name ('DynaMo-77M-T3', ...)."""
+  key = name.lower()
+  if key not in DYNAMO_PRESETS:
+    raise ConfigError(f"unknown DynaMo preset {name!r}; known: "
+                      f"{sorted(DYNAMO_PRESETS)}.")
+  return preset(DYNAMO_PRESETS[key], num_token_heads=3, **changes)
 
 
 def tiny_config(**changes) -> PythiaConfig:

@@ -32,7 +32,14 @@ KVCache = dict[str, Any]
 
 
 class Pythia(nn.Module):
-  """GPT-NeoX decoder. Methods are usable on their own through `apply(method=)`."""
+  """GPT-NeoX decoder, optionally with DynaMo token heads 2..N.
+
+  Head 1 is the last decoder layer + final layer norm + embed_out, so with
+  head 1 alone this is Pythia exactly. Heads 2..N are extra decoder layers
+  (`heads_{i}`) reading the stem output (input of layer L) or, with
+  head_input="last", the output of layer L; all heads share the final layer
+  norm and embed_out. Methods are usable alone through `apply(method=...)`.
+  """
   config: PythiaConfig
 
   def setup(self):
@@ -44,25 +51,12 @@ class Pythia(nn.Module):
             nn.initializers.normal(0.02), ("vocab", "embed")))
     self.layers = [DecoderLayer(cfg, name=f"layers_{i}")
                    for i in range(cfg.num_layers)]
+    self.heads = [DecoderLayer(cfg, name=f"heads_{i}")
+                  for i in range(2, cfg.num_token_heads + 1)]
     self.final_layer_norm = LayerNorm(cfg)
     self.embed_out = _param(self, "embed_out",
                             (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                             nn.initializers.normal(0.02), cfg.param_dtype)
-
-  def embed(self, tokens_BxT):
-    return self.embed_in(tokens_BxT)
-
-  def run_layers(self, x_BxTxD, positions_BxT, cache=None, end_B=None,
-                 layers: range | None = None):
-    """Runs decoder layers `layers` (default all) in order."""
-    new_cache = {}
-    for i in (range(self.config.num_layers) if layers is None else layers):
-      name = f"layers_{i}"
-      x_BxTxD, c = self.layers[i](x_BxTxD, positions_BxT,
-                                  None if cache is None else cache[name], end_B)
-      if c is not None:
-        new_cache[name] = c
-    return x_BxTxD, new_cache
 
   def unembed(self, x_BxTxD):
     """Final layer norm and untied output projection; float32 logits."""
@@ -71,18 +65,53 @@ class Pythia(nn.Module):
                       self.embed_out.astype(self.config.dtype),
                       preferred_element_type=jnp.float32)
 
-  def __call__(self, tokens_BxT, positions_BxT=None, cache=None, end_B=None):
+  def hidden_states(self, tokens_BxT, positions_BxT, cache=None, end_B=None,
+                    all_heads: bool = False):
+    """Pre-layer-norm outputs of head 1 (and heads 2..N): a list of [B,T,D].
+
+    Returns (hiddens, cache updates): the updated cache entries by name.
+    """
+    return self.hidden_states_from_embeddings(
+        self.embed_in(tokens_BxT), positions_BxT, cache, end_B, all_heads)
+
+  def hidden_states_from_embeddings(self, x_BxTxD, positions_BxT, cache=None,
+                                    end_B=None, all_heads: bool = False):
+    updates = {}
+
+    def run(layer, name, x_BxTxD):
+      y_BxTxD, c = layer(x_BxTxD, positions_BxT,
+                         None if cache is None else cache[name], end_B)
+      if c is not None:
+        updates[name] = c
+      return y_BxTxD
+
+    last = self.config.num_layers - 1
+    for i in range(last):
+      x_BxTxD = run(self.layers[i], f"layers_{i}", x_BxTxD)
+    stem_BxTxD = x_BxTxD
+    hiddens = [run(self.layers[last], f"layers_{last}", stem_BxTxD)]
+    if all_heads:
+      source = stem_BxTxD if self.config.head_input == "stem" else hiddens[0]
+      for i, head in enumerate(self.heads, start=2):
+        hiddens.append(run(head, f"heads_{i}", source))
+    return hiddens, updates
+
+  def __call__(self, tokens_BxT, positions_BxT=None, cache=None, end_B=None,
+               all_heads: bool = False):
+    """Logits float32 [B,T,V] (head 1), or [N,B,T,V] with all_heads."""
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]),
                                        tokens_BxT.shape)
-    x_BxTxD, new_cache = self.run_layers(self.embed(tokens_BxT), positions_BxT,
-                                         cache, end_B)
-    return self.unembed(x_BxTxD), new_cache
+    hiddens, updates = self.hidden_states(tokens_BxT, positions_BxT, cache,
+                                          end_B, all_heads)
+    if not all_heads:
+      return self.unembed(hiddens[0]), updates
+    return jnp.stack([self.unembed(h) for h in hiddens]), updates
 
 
 def _boxed_init(config: PythiaConfig, rng):
   tokens = jnp.zeros((1, 1), jnp.int32)
-  return Pythia(config).init(rng, tokens)["params"]
+  return Pythia(config).init(rng, tokens, all_heads=True)["params"]
 
 
 def init_params(config: PythiaConfig, rng: jax.Array | int = 0) -> Params:
@@ -136,33 +165,43 @@ def check_tokens(config: PythiaConfig, tokens, *, offset: int = 0,
   return jnp.asarray(tokens, jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(config, params, tokens_BxT):
-  logits, _ = Pythia(config).apply({"params": params}, tokens_BxT)
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _forward(config, params, tokens_BxT, all_heads):
+  logits, _ = Pythia(config).apply({"params": params}, tokens_BxT,
+                                   all_heads=all_heads)
   return logits
 
 
-def forward(config: PythiaConfig, params: Params, input_ids) -> jax.Array:
-  """Logits float32 [B, T, V] for int token ids [B, T] (numpy or jax)."""
-  return _forward(config, params, check_tokens(config, input_ids))
+def forward(config: PythiaConfig, params: Params, input_ids, *,
+            all_heads: bool = False) -> jax.Array:
+  """Logits for int token ids [B, T] (numpy or jax).
+
+  Head 1 (the base Pythia): float32 [B, T, V]. With `all_heads`, every token
+  head: float32 [N, B, T, V], where head i predicts token t+i at position t.
+  """
+  return _forward(config, params, check_tokens(config, input_ids),
+                  bool(all_heads))
 
 
 # ---- KV cache ---------------------------------------------------------------
 
-def init_cache(config: PythiaConfig, batch: int, max_len: int,
-               layers: range | None = None, dtype=None) -> KVCache:
-  """An empty cache of `max_len` slots per row, end index 0."""
+def init_cache(config: PythiaConfig, batch: int, max_len: int, *,
+               all_heads: bool = False, dtype=None) -> KVCache:
+  """An empty cache of `max_len` slots per row (end index 0) for every
+  decoder layer, plus every token head's layer when `all_heads`."""
   dtype = jnp.dtype(dtype or config.dtype)
   shape = (batch, max_len, config.num_heads, config.head_dim)
-  cache: KVCache = {
-      f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-      for i in (range(config.num_layers) if layers is None else layers)}
+  names = [f"layers_{i}" for i in range(config.num_layers)]
+  if all_heads:
+    names += [f"heads_{i}" for i in range(2, config.num_token_heads + 1)]
+  cache: KVCache = {n: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                    for n in names}
   cache["end"] = jnp.zeros((batch,), jnp.int32)
   return cache
 
 
 def forward_cached(config: PythiaConfig, params: Params, cache: KVCache,
-                   tokens_BxT, lengths_B=None):
+                   tokens_BxT, lengths_B=None, *, all_heads: bool = False):
   """One cached forward pass over a chunk of T tokens per row.
 
   Row b's tokens take positions end[b] .. end[b]+T-1; only its first
@@ -170,14 +209,17 @@ def forward_cached(config: PythiaConfig, params: Params, cache: KVCache,
   Entries written past the new end are overwritten by the next call before
   any query can see them. The cache must have end + T <= S slots.
 
-  Returns (logits float32 [B, T, V], new cache). Pure; jit it with
-  `donate_argnums=2` to update the cache in place.
+  Returns (logits float32 [B, T, V], or [N, B, T, V] with all_heads, and the
+  new cache). The cache needs head entries (`init_cache(all_heads=True)`)
+  when all_heads. Pure; jit it with `donate_argnums=2` to update in place.
   """
   end_B = cache["end"]
   t = tokens_BxT.shape[1]
   positions_BxT = end_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  logits, layer_caches = Pythia(config).apply(
-      {"params": params}, tokens_BxT, positions_BxT, cache, end_B)
+  logits, updates = Pythia(config).apply(
+      {"params": params}, tokens_BxT, positions_BxT, cache, end_B,
+      all_heads=all_heads)
   if lengths_B is None:
     lengths_B = jnp.full_like(end_B, t)
-  return logits, {**layer_caches, "end": end_B + lengths_B.astype(jnp.int32)}
+  return logits, {**cache, **updates,
+                  "end": end_B + lengths_B.astype(jnp.int32)}

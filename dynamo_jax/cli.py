@@ -32,26 +32,17 @@ def _convert(args) -> None:
   print(f"wrote {args.out}", file=sys.stderr)
 
 
-class _ByteTokenizer:
-  """UTF-8 bytes as token ids; only for the random tiny fallback model."""
-
-  def encode(self, text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-  def decode(self, ids) -> str:
-    return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-
 def _load_model(model: str | None, revision: str | None, dtype: str | None):
   # pylint: disable=import-outside-toplevel
   from dynamo_jax.convert import native
   from dynamo_jax.convert.hf import from_hf
   from dynamo_jax.convert.sources import resolve
   from dynamo_jax.model import init_params, tiny_config
+  from dynamo_jax.tokenizer import ByteTokenizer
   if model is None:
     print(_BYTE_VOCAB_NOTE, file=sys.stderr)
     config = tiny_config()
-    return config, init_params(config, 0), _ByteTokenizer()
+    return config, init_params(config, 0), ByteTokenizer()
   directory = resolve(model, revision)
   if native.is_native(directory):
     config, params = native.load(directory, dtype=dtype)
@@ -90,6 +81,20 @@ def _generate(args) -> None:
           file=sys.stderr)
 
 
+def _train(args) -> None:
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from dynamo_jax.training.config import load_config
+  from dynamo_jax.training.loop import train
+  if args.distributed:
+    jax.distributed.initialize()
+  overrides = list(args.overrides)
+  if args.steps is not None:
+    overrides.append(f"steps={args.steps}")
+  last = train(load_config(args.config, overrides), args.workdir)
+  print(json.dumps(last))
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m dynamo_jax",
                                    description=__doc__)
@@ -120,6 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true",
                  help="print one JSON object instead of text")
   p.set_defaults(func=_generate)
+
+  p = sub.add_parser("train", help="train DynaMo token heads")
+  p.add_argument("--config", required=True,
+                 help="a name in experiments/configs/ (e.g. tiny-test, "
+                 "dynamo-77m-t3) or a JSON file")
+  p.add_argument("--workdir", required=True,
+                 help="run directory: checkpoints, metrics.jsonl, tensorboard;"
+                 " re-running the same command resumes")
+  p.add_argument("--steps", type=int, help="total steps (overrides config)")
+  p.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() (TPU pod slices, "
+                 "multi-host GPU)")
+  p.add_argument("overrides", nargs="*", metavar="key=value",
+                 help="config overrides, e.g. optim.lr_base=1e-5 data.paths="
+                 "'[\"a.bin\"]'")
+  p.set_defaults(func=_train)
   return parser
 
 

@@ -1,0 +1,22 @@
+"""Training data: documents -> tokens + EOS -> packed rows with segment ids.
+
+  it = make_batches(DataConfig(source="tfds", name="tiny_shakespeare"),
+                    tokenizer, batch_size=8, seq_len=2048, seed=0,
+                    process_index=jax.process_index(),
+                    process_count=jax.process_count())
+  batch = next(it)  # {"tokens", "segment_ids"}: int32 [batch_size, seq_len]
+  state = it.get_state()  # small JSON dict; it2.set_state(state) resumes
+
+Sources (`DataConfig.source`): "tfds" (TensorFlow Datasets, read with
+`tfds.data_source`, no TensorFlow needed), "text" and "jsonl" files, and
+pre-tokenized "tokens" files (.npy / raw .bin, documents separated by EOS).
+All are random-access sequences of documents (files are indexed by one scan
+at open), so the order is a true per-epoch permutation of all documents
+rather than a shuffle buffer, and the resumable state is a cursor into it:
+see packing.py.
+"""
+
+from dynamo_jax.data.config import DataConfig, DataError
+from dynamo_jax.data.pipeline import BatchIterator, make_batches
+
+__all__ = ["BatchIterator", "DataConfig", "DataError", "make_batches"]

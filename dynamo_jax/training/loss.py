@@ -1,0 +1,61 @@
+"""The multi-token loss: head i predicts token t+i, never across documents."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dynamo_jax.model.config import PythiaConfig
+from dynamo_jax.model.pythia import Params, Pythia
+
+
+def shifted_targets(tokens_BxT, segment_ids_BxT, shift: int):
+  """Targets tokens[t + shift] and a mask that is False where t + shift runs
+  off the row, crosses into another document, or sits on padding (segment 0)."""
+  b, t = tokens_BxT.shape
+  pad = jnp.zeros((b, shift), tokens_BxT.dtype)
+  targets_BxT = jnp.concatenate([tokens_BxT[:, shift:], pad], axis=1)
+  seg_next_BxT = jnp.concatenate(
+      [segment_ids_BxT[:, shift:], jnp.zeros((b, shift), segment_ids_BxT.dtype)],
+      axis=1)
+  mask_BxT = (segment_ids_BxT != 0) & (seg_next_BxT == segment_ids_BxT)
+  return targets_BxT, mask_BxT
+
+
+def token_nll(logits_BxTxV, targets_BxT):
+  """-log p(target) per position: integer labels, no one-hot over V."""
+  logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+  picked_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None],
+                                   axis=-1)[..., 0]
+  return logz_BxT - picked_BxT
+
+
+def head_losses(config: PythiaConfig, params: Params, tokens_BxT,
+                segment_ids_BxT=None):
+  """Mean NLL of each token head, float32 [N], and valid target counts [N].
+
+  L_i = -(1/|valid|) sum_t log p_i(x_{t+i} | x_{<=t}). Logits are recomputed in
+  the backward pass (remat) so N x [B, T, V] float32 never sit in memory.
+  """
+  if segment_ids_BxT is None:
+    segment_ids_BxT = jnp.ones_like(tokens_BxT)
+  t = tokens_BxT.shape[1]
+  positions_BxT = jnp.broadcast_to(jnp.arange(t), tokens_BxT.shape)
+  model = Pythia(config)
+  hiddens, _ = model.apply({"params": params}, tokens_BxT, positions_BxT,
+                           all_heads=True, method=Pythia.hidden_states)
+
+  @jax.checkpoint
+  def head_nll_sum(params, hidden_BxTxD, targets_BxT, mask_BxT):
+    logits_BxTxV = model.apply({"params": params}, hidden_BxTxD,
+                               method=Pythia.unembed)
+    return jnp.sum(token_nll(logits_BxTxV, targets_BxT) * mask_BxT)
+
+  losses, counts = [], []
+  for i, hidden_BxTxD in enumerate(hiddens, start=1):
+    targets_BxT, mask_BxT = shifted_targets(tokens_BxT, segment_ids_BxT, i)
+    count = jnp.sum(mask_BxT).astype(jnp.float32)
+    losses.append(head_nll_sum(params, hidden_BxTxD, targets_BxT, mask_BxT)
+                  / jnp.maximum(count, 1.0))
+    counts.append(count)
+  return jnp.stack(losses), jnp.stack(counts)

@@ -66,7 +66,6 @@ def _initial_params(cfg: TrainConfig, config: PythiaConfig):
 def train(cfg: TrainConfig, workdir: str, *, progress: bool = True) -> dict:
   """Runs (or resumes) training until cfg.steps; returns the last metrics."""
   cfg = cfg.validate()
-  os.makedirs(workdir, exist_ok=True)
   mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   config = model_config(cfg)
   n_data = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -78,6 +77,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True) -> dict:
   if cfg.global_batch_size % jax.process_count():
     raise ConfigError(f"global_batch_size {cfg.global_batch_size} is not "
                       f"divisible by {jax.process_count()} processes.")
+  os.makedirs(workdir, exist_ok=True)
   tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.checkpoint
                              or f"EleutherAI/{cfg.model.base}")
   opt = make_optimizer(cfg.optim, cfg.steps)

@@ -12,7 +12,7 @@ from dynamo_jax.errors import DynamoError
 
 _BYTE_VOCAB_NOTE = (
     "note: no --model given and no embedded model ships yet, so this runs a "
-    "randomly initialised tiny Pythia (prompt encoded as UTF-8 bytes); its "
+    "randomly initialised tiny DynaMo-T3 (prompt encoded as UTF-8 bytes); its "
     "output is noise. Pass --model with an HF checkpoint directory or hub id "
     "(e.g. EleutherAI/pythia-70m) for real text.")
 
@@ -33,26 +33,17 @@ def _convert(args) -> None:
 
 
 def _load_model(model: str | None, revision: str | None, dtype: str | None):
+  """(config, params, tokenizer, cooc)."""
   # pylint: disable=import-outside-toplevel
-  from dynamo_jax.convert import native
-  from dynamo_jax.convert.hf import from_hf
-  from dynamo_jax.convert.sources import resolve
+  from dynamo_jax.api import load
   from dynamo_jax.model import init_params, tiny_config
   from dynamo_jax.tokenizer import ByteTokenizer
   if model is None:
     print(_BYTE_VOCAB_NOTE, file=sys.stderr)
-    config = tiny_config()
-    return config, init_params(config, 0), ByteTokenizer()
-  directory = resolve(model, revision)
-  if native.is_native(directory):
-    config, params = native.load(directory, dtype=dtype)
-  else:
-    config, params = from_hf(directory, dtype=dtype, progress=True)
-  if not os.path.exists(os.path.join(directory, "tokenizer.json")):
-    raise DynamoError(f"{directory} has no tokenizer.json; copy the model's "
-                      "tokenizer files next to its weights.")
-  import transformers
-  return config, params, transformers.AutoTokenizer.from_pretrained(directory)
+    config = tiny_config(vocab_size=264, num_token_heads=3)
+    return config, init_params(config, 0), ByteTokenizer(), None
+  loaded = load(model, revision=revision, dtype=dtype)
+  return loaded.config, loaded.params, loaded.tokenizer, loaded.cooc
 
 
 def _generate(args) -> None:
@@ -60,10 +51,17 @@ def _generate(args) -> None:
   from dynamo_jax.decoding import generate  # pylint: disable=import-outside-toplevel
   if not args.prompt:
     raise DynamoError("--prompt is empty; give some text to continue.")
-  config, params, tokenizer = _load_model(args.model, args.revision, args.dtype)
+  config, params, tokenizer, cooc = _load_model(args.model, args.revision,
+                                                args.dtype)
+  if args.cooc:
+    from dynamo_jax import cooc as cooc_lib  # pylint: disable=import-outside-toplevel
+    cooc = cooc_lib.load(args.cooc)
+  if args.no_cooc or args.mode != "dynamo":
+    cooc = None
   ids = np.asarray([tokenizer.encode(args.prompt)], np.int32)
   kwargs = dict(max_new_tokens=args.max_new_tokens, mode=args.mode,
-                greedy=args.greedy, temperature=args.temperature, seed=args.seed)
+                greedy=args.greedy, temperature=args.temperature, seed=args.seed,
+                eps_b=args.eps_b, cooc=cooc)
   generate(config, params, ids, **kwargs)  # compile outside the timed run
   start = time.perf_counter()
   out = generate(config, params, ids, **kwargs)
@@ -117,7 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--revision")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
   p.add_argument("--prompt", required=True)
-  p.add_argument("--mode", default="ar", choices=["ar"])
+  p.add_argument("--mode", default="ar", choices=["ar", "dynamo", "verified"],
+                 help="ar: one token per pass; dynamo: the paper's dynamic "
+                 "multi-token sampling; verified: heads draft, head 1 checks "
+                 "(AR's output distribution)")
+  p.add_argument("--eps-b", type=float, default=0.5,
+                 help="DynaMo back-off threshold in [0, 1] (1 = AR)")
+  p.add_argument("--cooc", help="co-occurrence table file (default: the "
+                 "model's own, when it ships one)")
+  p.add_argument("--no-cooc", action="store_true",
+                 help="no co-occurrence weighting")
   p.add_argument("--greedy", action="store_true")
   p.add_argument("--temperature", type=float, default=0.7)
   p.add_argument("--seed", type=int, default=0)

@@ -3,18 +3,23 @@
 Measures tokens/s of plain greedy autoregressive decoding, batch 1, on CPU,
 for Pythia-shaped models with random weights. Both sides run the SAME weights:
 we draw params with `dynamo_jax.init_params`, write them as an HF directory
-with `dynamo_jax.to_hf`, and load that into `GPTNeoXForCausalLM` (float32).
+with `dynamo_jax.to_hf`, and load that into `GPTNeoXForCausalLM` (float32,
+eval, torch's default thread count).
 
-Per model and side: one warm-up call (for us it compiles prefill + scan), then
-`--repeats` timed calls; each call decodes exactly `--new-tokens` tokens after
-a 16-token random prompt, and tok/s = new_tokens / wall seconds (prefill
-included on both sides). We report medians, the ratio ours/torch from the same
-run (target 1.5), and how many greedy tokens agree between the two.
+Per model: one warm-up call per side (for us it compiles prefill + scan), then
+`--repeats` rounds, each timing one call of ours and one of torch back to back
+(interleaved, so a transient load hits both sides alike). Each call decodes
+exactly `--new-tokens` tokens after a 16-token random prompt, and
+tok/s = new_tokens / wall seconds (prefill included on both sides). We report
+medians, the ratio ours/torch from the same run (target 1.5), and how many
+greedy tokens agree between the two.
 
 Run it on an otherwise idle machine: torch's OpenMP threads spin-wait at
 barriers, so another busy process (e.g. a test run) can slow torch by 10x or
-more while barely touching XLA, inflating the ratio. The 1-minute load
-average before and after is recorded, and a warning printed if it is high.
+more while barely touching XLA, inflating the ratio. For every timed call we
+record the CPU that OTHER processes used meanwhile (from /proc/stat minus our
+own rusage), as a fraction of all cores; `max_other_cpu_frac` above ~0.1
+means the run was contended and should be repeated.
 
 Prints one JSON object to stdout. Run from the repo root:
 
@@ -29,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -47,16 +53,34 @@ from dynamo_jax.model.config import PRESETS  # pylint: disable=wrong-import-posi
 
 TARGET_RATIO = 1.5
 PROMPT_LEN = 16
+CONTENDED_FRAC = 0.1
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _time_calls(fn, repeats: int) -> list[float]:
-  """Wall seconds of `repeats` calls of fn; fn must block until done."""
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return times
+def _cpu_seconds() -> tuple[float, float] | None:
+  """(busy CPU seconds of the whole machine, of this process), or None."""
+  try:
+    with open("/proc/stat") as fh:
+      fields = [int(x) for x in fh.readline().split()[1:]]
+  except OSError:
+    return None
+  # user nice system idle iowait irq softirq steal ...: all but idle/iowait.
+  busy = sum(fields[:8]) - fields[3] - fields[4]
+  own = resource.getrusage(resource.RUSAGE_SELF)
+  return busy / _TICK, own.ru_utime + own.ru_stime
+
+
+def _timed(fn) -> tuple[float, float | None]:
+  """(wall seconds of one blocking call, other processes' CPU fraction)."""
+  cpu0 = _cpu_seconds()
+  start = time.perf_counter()
+  fn()
+  wall = time.perf_counter() - start
+  cpu1 = _cpu_seconds()
+  if cpu0 is None or cpu1 is None:
+    return wall, None
+  other = (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])
+  return wall, max(0.0, other / (wall * os.cpu_count()))
 
 
 def _torch_generation_config(new_tokens: int) -> transformers.GenerationConfig:
@@ -75,18 +99,12 @@ def bench_model(name: str, new_tokens: int, repeats: int, seed: int) -> dict:
   prompt = np.random.default_rng(seed).integers(
       0, config.vocab_size, size=(1, PROMPT_LEN), dtype=np.int32)
 
-  # --- ours ---------------------------------------------------------------
   def ours():
     # generate returns numpy tokens, so the call blocks until decoding is done.
     return dynamo_jax.generate(config, params, prompt,
                                max_new_tokens=new_tokens, mode="ar", greedy=True)
 
-  start = time.perf_counter()
-  ours_tokens = ours().tokens[0]
-  ours_first_s = time.perf_counter() - start  # compile + one run
-  ours_times = _time_calls(ours, repeats)
-
-  # --- torch, same weights via an HF directory ----------------------------
+  # Torch gets the same weights through an HF directory.
   with tempfile.TemporaryDirectory(prefix="bench_ar_") as tmp:
     hf_dir = os.path.join(tmp, "hf")
     dynamo_jax.to_hf(config, params, hf_dir)
@@ -94,8 +112,8 @@ def bench_model(name: str, new_tokens: int, repeats: int, seed: int) -> dict:
         hf_dir, dtype=torch.float32)
   model.eval()
   gen_config = _torch_generation_config(new_tokens)
-  # from_pretrained derives a generation config from config.json (eos 0);
-  # replace it, since generate fills our None fields from it.
+  # from_pretrained derives a generation config from config.json (eos 0), and
+  # generate fills our None fields from it; replace it so eos stays off.
   model.generation_config = gen_config
   input_ids = torch.from_numpy(prompt.astype(np.int64))
   attention_mask = torch.ones_like(input_ids)
@@ -105,33 +123,42 @@ def bench_model(name: str, new_tokens: int, repeats: int, seed: int) -> dict:
       return model.generate(input_ids, attention_mask=attention_mask,
                             generation_config=gen_config)
 
+  start = time.perf_counter()
+  ours_tokens = ours().tokens[0]
+  ours_first_s = time.perf_counter() - start  # compile + one run
   torch_tokens = theirs()[0, PROMPT_LEN:].numpy()  # warm-up
-  torch_times = _time_calls(theirs, repeats)
-  del model
-  del params
 
-  ours_med = statistics.median(ours_times)
-  torch_med = statistics.median(torch_times)
+  ours_times, torch_times, other = [], [], []
+  for _ in range(repeats):
+    for fn, times in ((ours, ours_times), (theirs, torch_times)):
+      wall, frac = _timed(fn)
+      times.append(wall)
+      other.append(frac)
+  del model, params
+
+  ours_tps = new_tokens / statistics.median(ours_times)
+  torch_tps = new_tokens / statistics.median(torch_times)
   n = min(len(ours_tokens), len(torch_tokens))
-  match = int(np.sum(ours_tokens[:n] == torch_tokens[:n]))
   mismatch = np.nonzero(ours_tokens[:n] != torch_tokens[:n])[0]
-  ours_tps = new_tokens / ours_med
-  torch_tps = new_tokens / torch_med
+  other = [f for f in other if f is not None]
+  max_other = round(max(other), 3) if other else None
+  median_other = round(statistics.median(other), 3) if other else None
   return {
       "num_params": config.num_params(),
       "ours_tok_per_s": round(ours_tps, 2),
       "torch_tok_per_s": round(torch_tps, 2),
       "ratio": round(ours_tps / torch_tps, 3),
       "meets_target": ours_tps / torch_tps >= TARGET_RATIO,
-      "ours_median_s": round(ours_med, 4),
-      "torch_median_s": round(torch_med, 4),
       "ours_times_s": [round(t, 4) for t in ours_times],
       "torch_times_s": [round(t, 4) for t in torch_times],
       "ours_compile_plus_first_run_s": round(ours_first_s, 3),
       "ours_tokens_emitted": int(len(ours_tokens)),
       "torch_tokens_emitted": int(len(torch_tokens)),
-      "greedy_tokens_match": match,
+      "greedy_tokens_match": int(n - len(mismatch)),
       "first_mismatch_index": int(mismatch[0]) if len(mismatch) else None,
+      "median_other_cpu_frac": median_other,
+      "max_other_cpu_frac": max_other,
+      "contended": max_other is not None and max_other > CONTENDED_FRAC,
   }
 
 
@@ -159,13 +186,14 @@ def main(argv=None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
 
-  transformers.logging.set_verbosity_error()  # keep stdout/stderr readable
-  load_before = os.getloadavg()[0]
-  if load_before > 0.5:
-    print(f"warning: 1-min load average is {load_before:.2f}; timings (torch "
-          "especially) are unreliable on a busy machine.", file=sys.stderr)
+  transformers.logging.set_verbosity_error()  # keep stderr readable
   results = {name: bench_model(name, args.new_tokens, args.repeats, args.seed)
              for name in args.models}
+  contended = [n for n, r in results.items() if r["contended"]]
+  if contended:
+    print(f"warning: other processes used > {CONTENDED_FRAC:.0%} of the CPUs "
+          f"while timing {contended}; rerun on an idle machine.",
+          file=sys.stderr)
   print(json.dumps({
       "benchmark": "ar_decode_cpu_batch1_greedy",
       "prompt_len": PROMPT_LEN,
@@ -175,8 +203,6 @@ def main(argv=None) -> None:
       "target_ratio": TARGET_RATIO,
       "models": results,
       "machine": machine(),
-      "loadavg_1min_before_after": [round(load_before, 2),
-                                    round(os.getloadavg()[0], 2)],
   }, indent=2))
 
 

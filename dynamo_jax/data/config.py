@@ -75,8 +75,8 @@ class DataConfig:
     if not self.field:
       raise ConfigError("DataConfig.field must be a non-empty field name.")
     if self.token_dtype not in TOKEN_DTYPES:
-      raise ConfigError(f"DataConfig.token_dtype must be one of {TOKEN_DTYPES}, "
-                        f"got {self.token_dtype!r}.")
+      raise ConfigError(f"DataConfig.token_dtype must be one of "
+                        f"{TOKEN_DTYPES}, got {self.token_dtype!r}.")
     _check_int("eos_id", self.eos_id, minimum=0, optional=True)
     _check_int("num_epochs", self.num_epochs, minimum=1, optional=True)
     _check_int("prefetch", self.prefetch, minimum=0)

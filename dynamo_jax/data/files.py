@@ -126,7 +126,8 @@ class LineFile:
       raise DataError(f"{self.path}: record {i} (bytes {start}..{end}) is not "
                       f"valid JSON: {e}.") from e
     if not isinstance(record, dict) or self.field not in record:
-      keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+      keys = (sorted(record) if isinstance(record, dict)
+              else type(record).__name__)
       raise DataError(f"{self.path}: record {i} has no field {self.field!r}; "
                       f"available fields: {keys}.")
     text = record[self.field]
@@ -149,7 +150,8 @@ class TokenFile:
         raise DataError(f"{path} is not a readable .npy file: {e}") from e
       if self._tokens.ndim != 1 or self._tokens.dtype.kind not in "iu":
         raise DataError(f"{path} holds a {self._tokens.dtype} array of shape "
-                        f"{self._tokens.shape}; expected 1-D integer token ids.")
+                        f"{self._tokens.shape}; expected 1-D integer token "
+                        "ids.")
     else:
       itemsize = np.dtype(dtype).itemsize
       size = os.path.getsize(path)

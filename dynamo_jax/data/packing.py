@@ -25,10 +25,6 @@ import numpy as np
 
 from dynamo_jax.data.config import DataError
 
-# Checked on set_state: a state from another seed or host layout would
-# silently read other documents.
-_IDENTITY = ("seed", "shuffle", "process_index", "process_count",
-             "num_documents")
 _READ_CHUNK = 32  # documents read and tokenized per call: batched tokenizers
 
 
@@ -52,7 +48,9 @@ class PackedBatches:
     self._batch_size = batch_size
     self._seq_len = seq_len
     self._num_epochs = num_epochs
-    # Any int works as a seed: SeedSequence wants it non-negative.
+    # Saved with the cursor and checked on set_state: a state from another
+    # seed, host layout or data would silently read other documents. Any int
+    # works as a seed (SeedSequence wants it non-negative).
     self._identity = dict(seed=int(seed) % 2**64, shuffle=bool(shuffle),
                           process_index=process_index,
                           process_count=process_count,
@@ -102,8 +100,9 @@ class PackedBatches:
         everyone = rng.permutation(n)
       else:
         everyone = np.arange(n)
-      p, count = self._identity["process_index"], self._identity["process_count"]
-      self._order, self._order_epoch = everyone[p::count], self._epoch
+      share = slice(self._identity["process_index"], None,
+                    self._identity["process_count"])
+      self._order, self._order_epoch = everyone[share], self._epoch
       self._chunk_start, self._chunk = None, []
     return self._order
 

@@ -1,4 +1,4 @@
-"""`make_batches`: the trainer's entry point, with optional background prefetch."""
+"""`make_batches`: the trainer's entry point, with background prefetch."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class BatchIterator:
   handed out, whatever the prefetch thread has prepared beyond it.
 
   With `prefetch` > 0 a daemon thread keeps up to that many batches ready
-  (tokenizers release the GIL, so this overlaps with the training step). The
+  (Rust tokenizers release the GIL, so this overlaps the training step). The
   thread starts on the first `next`, so `set_state` right after construction
   costs nothing; a later `set_state` stops and discards it.
   """
@@ -120,7 +120,8 @@ class BatchIterator:
   def _start(self) -> None:
     # The thread sees only these locals, never `self`, so an abandoned
     # iterator is collected and its __del__ stops the thread.
-    packer, q, stop = self._packer, queue.Queue(self._prefetch), threading.Event()
+    packer, stop = self._packer, threading.Event()
+    q = queue.Queue(self._prefetch)
     self._queue, self._stop = q, stop
 
     def put(item) -> bool:

@@ -13,6 +13,11 @@ import jax
 import jax.numpy as jnp
 
 from dynamo_jax.decoding.sampling import sample_tokens
+
+
+def pass_keys(row_keys_Bx2, pass_index):
+  """The per-row keys of one forward pass."""
+  return jax.vmap(lambda key: jax.random.fold_in(key, pass_index))(row_keys_Bx2)
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import Params, forward_cached, init_cache
 
@@ -23,20 +28,24 @@ ar_step = jax.jit(forward_cached, static_argnums=0, donate_argnums=2)
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy"))
 def generate_ar(config: PythiaConfig, params: Params, prompt_BxP: jax.Array,
-                key: jax.Array, temperature: jax.Array, *, max_new_tokens: int,
-                greedy: bool) -> jax.Array:
-  """New tokens int32 [B, max_new_tokens] after the prompt [B, P]."""
+                row_keys_Bx2: jax.Array, temperature: jax.Array, *,
+                max_new_tokens: int, greedy: bool) -> jax.Array:
+  """New tokens int32 [B, max_new_tokens] after the prompt [B, P].
+
+  Pass i samples row b with fold_in(row_keys_Bx2[b], i), as DynaMo decoding
+  does, so DynaMo with eps_b = 1 reproduces these tokens exactly.
+  """
   b, p = prompt_BxP.shape
   cache = init_cache(config, b, p + max_new_tokens)
   logits_BxPxV, cache = forward_cached(config, params, cache, prompt_BxP)
   sample = functools.partial(sample_tokens, greedy=greedy,
                              temperature=temperature)
-  first_B = sample(jax.random.fold_in(key, 0), logits_BxPxV[:, -1])
+  first_B = sample(pass_keys(row_keys_Bx2, 0), logits_BxPxV[:, -1])
 
   def step(carry, i):
     cache, tok_B = carry
     logits_Bx1xV, cache = forward_cached(config, params, cache, tok_B[:, None])
-    nxt_B = sample(jax.random.fold_in(key, i), logits_Bx1xV[:, 0])
+    nxt_B = sample(pass_keys(row_keys_Bx2, i), logits_Bx1xV[:, 0])
     return (cache, nxt_B), tok_B
 
   (_, last_B), toks_NxB = jax.lax.scan(

@@ -1,0 +1,54 @@
+"""`dynamo_jax.load`: a model, its tokenizer and its co-occurrence table."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from dynamo_jax.convert import native
+from dynamo_jax.convert.hf import from_hf
+from dynamo_jax.convert.sources import resolve
+from dynamo_jax.errors import CheckpointError
+from dynamo_jax.model.config import PythiaConfig
+
+COOC_FILE = "cooc.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  config: PythiaConfig
+  params: Any
+  tokenizer: Any
+  cooc: Any = None  # a CoocTable, or None when the checkpoint has none
+
+
+def load(path_or_id: str | None = None, *, revision: str | None = None,
+         dtype=None) -> Model:
+  """Loads a dynamo_jax checkpoint directory (its tokenizer files and, when
+  present, its co-occurrence table cooc.npz), or an HF GPT-NeoX checkpoint
+  directory or hub id (no table).
+
+  `path_or_id=None` means the embedded default model; none ships yet, so it
+  raises a CheckpointError saying so.
+  """
+  if path_or_id is None:
+    raise CheckpointError(
+        "no embedded default model ships with this version of dynamo_jax; "
+        "pass a checkpoint directory or a hub id such as "
+        "'EleutherAI/pythia-70m'.")
+  directory = resolve(path_or_id, revision)
+  if native.is_native(directory):
+    config, params = native.load(directory, dtype=dtype)
+  else:
+    config, params = from_hf(directory, dtype=dtype)
+  if not os.path.exists(os.path.join(directory, "tokenizer.json")):
+    raise CheckpointError(f"{directory} has no tokenizer.json; copy the "
+                          "model's tokenizer files next to its weights.")
+  from dynamo_jax.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+  tokenizer = load_tokenizer(directory)
+  cooc = None
+  if os.path.exists(os.path.join(directory, COOC_FILE)):
+    from dynamo_jax import cooc as cooc_lib  # pylint: disable=import-outside-toplevel
+    cooc = cooc_lib.load(os.path.join(directory, COOC_FILE))
+  return Model(config=config, params=params, tokenizer=tokenizer, cooc=cooc)

@@ -1,0 +1,129 @@
+"""DynaMo decoding (the paper's Algorithm 1) with KV caches, fully jitted.
+
+One pass feeds the tokens the previous pass emitted (m per row, padded to n
+with a validity length: static shapes), runs the stem, head 1 and every head
+layer with their caches, takes all heads' logits at each row's last valid
+position, and samples 1..n new tokens per row with `dynamo_sample`. Rows
+emit their own m, so batched decoding advances each row independently.
+
+Keys: each row has its own key (from its seed); pass p uses
+fold_in(row_key, p). A row's tokens therefore do not depend on the rest of
+the batch, and with eps_b = 1 (always m = 1) the draws are exactly those of
+plain AR decoding with the same seeds.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dynamo_jax.decoding.ar import pass_keys
+from dynamo_jax.decoding.dynamo_sampler import SampleResult, dynamo_sample
+from dynamo_jax.model.config import PythiaConfig
+from dynamo_jax.model.pythia import KVCache, Params, forward_cached, init_cache
+
+
+class SamplerSettings(NamedTuple):
+  """Algorithm 1's switches. Static under jit (part of the compiled program),
+  except temperature, eps_b and repetition_penalty, which are traced."""
+  k: int = 50
+  alpha: float = 1.0
+  use_cooc: bool = True
+  blur: bool = True
+  otsu: bool = True
+  greedy: bool = False
+
+
+def last_valid(logits_NxBxTxV, lengths_B):
+  """Every head's logits at each row's last valid position: [B, N, V]."""
+  idx_B = jnp.maximum(lengths_B - 1, 0)
+  return jax.vmap(lambda l_NxTxV, i: l_NxTxV[:, i], in_axes=(1, 0))(
+      logits_NxBxTxV, idx_B)
+
+
+def decode_step(config: PythiaConfig, params: Params, cache: KVCache,
+                tokens_BxT, lengths_B, keys_Bx2, history_BxH, history_len_B,
+                cooc=None, *, temperature=0.7, eps_b=0.5,
+                repetition_penalty=1.1,
+                settings: SamplerSettings = SamplerSettings()
+                ) -> tuple[SampleResult, KVCache]:
+  """One DynaMo pass: feed tokens, sample 1..n next tokens per row. Pure.
+
+  Args:
+    config, params: a DynaMo-Tn model (n = config.num_token_heads).
+    cache: from `init_cache(config, B, S, all_heads=True)`; needs
+      end + T <= S. Donate it under jit to update in place.
+    tokens_BxT: int32 [B, T], the tokens to feed (the prompt at prefill,
+      then the previous pass's `tokens_BxN` with T = n).
+    lengths_B: int32 [B], valid tokens per row (the previous m; 0 for a row
+      that should not advance).
+    keys_Bx2: uint32 [B, 2], one PRNG key per row for this pass.
+    history_BxH, history_len_B: tokens generated so far, for the repetition
+      penalty (first history_len_B valid per row).
+    cooc: None (no co-occurrence weighting) or a table with grid_weights.
+  Returns:
+    (SampleResult: m_B int32 [B] in 1..n, tokens_BxN int32 [B, n] with the
+    first m valid, ...; the new cache, advanced by lengths_B).
+  """
+  logits_NxBxTxV, cache = forward_cached(config, params, cache, tokens_BxT,
+                                         lengths_B, all_heads=True)
+  result = dynamo_sample(
+      keys_Bx2, last_valid(logits_NxBxTxV, lengths_B), history_BxH,
+      history_len_B, cooc, n=config.num_token_heads, k=settings.k,
+      temperature=temperature, eps_b=eps_b, alpha=settings.alpha,
+      use_cooc=settings.use_cooc, blur=settings.blur, otsu=settings.otsu,
+      repetition_penalty=repetition_penalty, greedy=settings.greedy)
+  return result, cache
+
+
+def write_rows(out_BxL, chunk_BxN, at_B):
+  """Writes each row's chunk at that row's offset."""
+  return jax.vmap(lambda o, c, a: jax.lax.dynamic_update_slice(o, c, (a,)))(
+      out_BxL, chunk_BxN, at_B)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens",
+                                              "settings"))
+def generate_dynamo(config: PythiaConfig, params: Params, prompt_BxP,
+                    row_keys_Bx2, cooc, temperature, eps_b, repetition_penalty,
+                    *, max_new_tokens: int, settings: SamplerSettings):
+  """(tokens int32 [B, max_new_tokens], accepted int32 [B, max_new_tokens]
+  (m per pass, 0 once a row is done; columns past `passes` are 0), passes)."""
+  b, p = prompt_BxP.shape
+  n = config.num_token_heads
+  cache = init_cache(config, b, p + max_new_tokens + n, all_heads=True)
+  out_BxL = jnp.zeros((b, max_new_tokens + n), jnp.int32)
+  step = functools.partial(decode_step, config, params, cooc=cooc,
+                           temperature=temperature, eps_b=eps_b,
+                           repetition_penalty=repetition_penalty,
+                           settings=settings)
+  count_B = jnp.zeros((b,), jnp.int32)
+  res, cache = step(cache, prompt_BxP, jnp.full((b,), p, jnp.int32),
+                    pass_keys(row_keys_Bx2, 0), out_BxL, count_B)
+  out_BxL = write_rows(out_BxL, res.tokens_BxN, count_B)
+  accepted_BxP = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(res.m_B)
+  carry = (cache, out_BxL, res.m_B, res.tokens_BxN, res.m_B, accepted_BxP,
+           jnp.int32(1))
+
+  def cond(carry):
+    _, _, count_B, _, _, _, passes = carry
+    return jnp.any(count_B < max_new_tokens) & (passes < max_new_tokens)
+
+  def body(carry):
+    cache, out_BxL, count_B, fed_BxN, fed_len_B, accepted_BxP, passes = carry
+    res, cache = step(cache, fed_BxN, fed_len_B,
+                      pass_keys(row_keys_Bx2, passes), out_BxL, count_B)
+    active_B = count_B < max_new_tokens
+    m_B = jnp.where(active_B, res.m_B, 0)
+    out_BxL = jnp.where(active_B[:, None],
+                        write_rows(out_BxL, res.tokens_BxN, count_B), out_BxL)
+    accepted_BxP = accepted_BxP.at[:, passes].set(m_B)
+    return (cache, out_BxL, count_B + m_B, res.tokens_BxN, m_B, accepted_BxP,
+            passes + 1)
+
+  _, out_BxL, _, _, _, accepted_BxP, passes = jax.lax.while_loop(
+      cond, body, carry)
+  return out_BxL[:, :max_new_tokens], accepted_BxP, passes

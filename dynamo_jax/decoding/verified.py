@@ -1,0 +1,142 @@
+"""Verified (lossless) multi-token decoding, beyond the paper.
+
+Heads 2..n propose the tokens after head 1's; the next pass checks them with
+head 1 (self-speculative / blockwise parallel decoding):
+
+  pass: feed [x, d_1 .. d_{n-1}]  (x decided by head 1, d_i drafted by head
+        i+1 in the previous pass); head 1's distributions p_0 .. p_{n-1} at
+        those positions verify the drafts in order:
+          greedy:   accept d_i iff d_i == argmax p_{i-1};
+          sampling: accept d_i with prob min(1, p_{i-1}(d_i) / q_i(d_i)),
+                    where q_i is the draft's own distribution.
+        With j drafts accepted, the next token x' is argmax p_j (greedy), a
+        draw from max(0, p_j - q_{j+1}) renormalised (a rejection), or a draw
+        from p_{n-1} (all accepted). Emitted: d_1..d_j, x' (j + 1 tokens);
+        the cache keeps x, d_1..d_j; heads 2..n at position j draft anew.
+
+Greedy output therefore equals plain AR greedy token for token, and sampled
+output has exactly the distribution of AR sampling from head 1 at the same
+temperature (standard speculative-sampling acceptance; a draft may come from
+any proposal fixed before the check, such as head i's marginal here).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from dynamo_jax.decoding.ar import pass_keys
+from dynamo_jax.decoding.dynamo import write_rows
+from dynamo_jax.model.config import PythiaConfig
+from dynamo_jax.model.pythia import Params, forward_cached, init_cache
+
+
+def _draw(keys_B, probs_BxV):
+  """One categorical draw per row from probabilities (rows sum to 1)."""
+  return jax.vmap(lambda k, p: jax.random.categorical(k, jnp.log(p)))(
+      keys_B, probs_BxV).astype(jnp.int32)
+
+
+def _sub(keys_B, i):
+  return jax.vmap(lambda k: jax.random.fold_in(k, i))(keys_B)
+
+
+def _propose(logits_BxNxV, keys_B, temperature, greedy):
+  """x from head 1 and drafts d_1..d_{n-1} from heads 2..n, with the drafts'
+  distributions q [B, n-1, V]."""
+  probs_BxNxV = jax.nn.softmax(logits_BxNxV / temperature, axis=-1)
+  if greedy:
+    tokens_BxN = jnp.argmax(logits_BxNxV, axis=-1).astype(jnp.int32)
+  else:
+    n = logits_BxNxV.shape[1]
+    tokens_BxN = jnp.stack([_draw(_sub(keys_B, 100 + i), probs_BxNxV[:, i])
+                            for i in range(n)], axis=1)
+  return tokens_BxN[:, 0], tokens_BxN[:, 1:], probs_BxNxV[:, 1:]
+
+
+def _verify(p_BxNxV, drafts_BxD, q_BxDxV, keys_B, greedy):
+  """(j accepted drafts [B], next token x' [B])."""
+  b, n, _ = p_BxNxV.shape
+  rows = jnp.arange(b)
+  if greedy:
+    best_BxN = jnp.argmax(p_BxNxV, axis=-1).astype(jnp.int32)
+    ok_BxD = drafts_BxD == best_BxN[:, :-1]
+  else:
+    p_d_BxD = jnp.take_along_axis(p_BxNxV[:, :-1], drafts_BxD[..., None], -1)[..., 0]
+    q_d_BxD = jnp.take_along_axis(q_BxDxV, drafts_BxD[..., None], -1)[..., 0]
+    u_BxD = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1),
+                                                  (n - 1,)))(keys_B)
+    ok_BxD = u_BxD * q_d_BxD < p_d_BxD  # u < p/q, without dividing by 0
+  j_B = jnp.sum(jnp.cumprod(ok_BxD.astype(jnp.int32), axis=1), axis=1)
+  if greedy:
+    return j_B, best_BxN[rows, j_B]
+  p_j_BxV = p_BxNxV[rows, j_B]
+  q_next_BxV = jnp.concatenate(
+      [q_BxDxV, jnp.zeros_like(q_BxDxV[:, :1])], axis=1)[rows, j_B]
+  residual_BxV = jnp.maximum(p_j_BxV - q_next_BxV, 0.0)  # q_next = 0 if all ok
+  total_B = jnp.sum(residual_BxV, axis=-1, keepdims=True)
+  # p == q exactly leaves no residual; then any draw from p is exact.
+  residual_BxV = jnp.where(total_B > 0, residual_BxV / jnp.maximum(total_B, 1e-30),
+                           p_j_BxV)
+  return j_B, _draw(_sub(keys_B, 2), residual_BxV)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens",
+                                              "greedy"))
+def generate_verified(config: PythiaConfig, params: Params, prompt_BxP,
+                      row_keys_Bx2, temperature, *, max_new_tokens: int,
+                      greedy: bool):
+  """Same outputs as `generate_dynamo`: (tokens, accepted, passes)."""
+  b, p = prompt_BxP.shape
+  n = config.num_token_heads
+  cache = init_cache(config, b, p + max_new_tokens + n, all_heads=True)
+  logits_NxBxPxV, cache = forward_cached(config, params, cache, prompt_BxP,
+                                         all_heads=True)
+  x_B, d_BxD, q_BxDxV = _propose(jnp.swapaxes(logits_NxBxPxV[:, :, -1], 0, 1),
+                                 pass_keys(row_keys_Bx2, 0), temperature, greedy)
+  out_BxL = jnp.zeros((b, max_new_tokens + n), jnp.int32).at[:, 0].set(x_B)
+  count_B = jnp.ones((b,), jnp.int32)
+  accepted_BxP = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(1)
+  carry = (cache, out_BxL, count_B, x_B, d_BxD, q_BxDxV, accepted_BxP,
+           jnp.int32(1))
+
+  def cond(carry):
+    count_B, passes = carry[2], carry[-1]
+    return jnp.any(count_B < max_new_tokens) & (passes < max_new_tokens)
+
+  def body(carry):
+    cache, out_BxL, count_B, x_B, d_BxD, q_BxDxV, accepted_BxP, passes = carry
+    keys_B = pass_keys(row_keys_Bx2, passes)
+    chunk_BxN = jnp.concatenate([x_B[:, None], d_BxD], axis=1)
+    active_B = count_B < max_new_tokens
+    end_B = cache["end"]
+    logits_NxBxNxV, cache = forward_cached(config, params, cache, chunk_BxN,
+                                           all_heads=True)
+    p_BxNxV = jax.nn.softmax(logits_NxBxNxV[0] / temperature, axis=-1)
+    j_B, x_next_B = _verify(p_BxNxV if not greedy else logits_NxBxNxV[0],
+                            d_BxD, q_BxDxV, keys_B, greedy)
+    # The cache keeps x and the accepted drafts; entries written for the
+    # rejected ones lie past the new end and are overwritten before any
+    # query can see them.
+    cache = {**cache, "end": end_B + jnp.where(active_B, j_B + 1, 0)}
+    # New drafts from heads 2..n at the last accepted position j.
+    at_j_BxNxV = jax.vmap(lambda l, j: l[:, j], in_axes=(1, 0))(
+        logits_NxBxNxV, j_B)
+    _, d_new_BxD, q_new_BxDxV = _propose(at_j_BxNxV, _sub(keys_B, 3),
+                                         temperature, greedy)
+    emitted_BxN = jnp.where(jnp.arange(n)[None] < j_B[:, None],
+                            jnp.pad(d_BxD, ((0, 0), (0, 1))), 0)
+    emitted_BxN = jnp.where(jnp.arange(n)[None] == j_B[:, None],
+                            x_next_B[:, None], emitted_BxN)
+    m_B = jnp.where(active_B, j_B + 1, 0)
+    out_BxL = jnp.where(active_B[:, None],
+                        write_rows(out_BxL, emitted_BxN, count_B), out_BxL)
+    accepted_BxP = accepted_BxP.at[:, passes].set(m_B)
+    return (cache, out_BxL, count_B + m_B, x_next_B, d_new_BxD, q_new_BxDxV,
+            accepted_BxP, passes + 1)
+
+  _, out_BxL, _, _, _, _, accepted_BxP, passes = jax.lax.while_loop(
+      cond, body, carry)
+  return out_BxL[:, :max_new_tokens], accepted_BxP, passes

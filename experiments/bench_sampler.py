@@ -1,0 +1,219 @@
+"""Per-step cost of the DynaMo sampler (dynamo_jax/decoding/dynamo_sampler.py).
+
+Setting: V = 50304 (Pythia's padded vocabulary), k = 50, n = 3, batch 1 and 8,
+random logits (N(0, 3^2), which makes the heads fairly peaked), random
+histories of 64 tokens, float32, jitted, on this machine's CPU. Target: the
+whole sampler <= 1 ms per step at batch 1.
+
+Each timing is the median over `--repeats` calls, each ended by
+block_until_ready, after a warm-up call (the compile). Reported per batch and
+per co-occurrence setting:
+  * total_ms[eps_b]: the jitted sampler (`_core_traced`, what a caller inside
+    jit pays) for eps_b = 0 (every row emits n: order 1 is skipped by its
+    lax.cond), 0.5, and 1 (every row backs off to plain AR, which pays the
+    full-vocabulary Gumbel draw); wrapper_ms: the public `dynamo_sample`
+    with its Python argument checks, at eps_b = 0.5; m_mean: mean m emitted.
+  * stages_ms: the same work cut into separately jitted stages (eps_b = 0.5):
+    topk (top-k of n heads, renormalised marginals, history mask, uniforms),
+    grid_weights (co-occurrence weights, joint grids, penalty divisors, all
+    orders), blur, otsu (histogram + split + mask), backoff_draw (eps_b mask,
+    penalty, back-off test, draws, order-1 cond). Their sum exceeds the fused
+    total by the stages' own dispatch overhead and lost fusion.
+  * plain_ar_ms: `sampling.sample_tokens` (jax.random.categorical per row),
+    the plain AR decoder's sampler, for scale.
+
+The co-occurrence case uses a STAND-IN for the real table lookup (another
+engineer builds it): `FixedCooc.grid_weights` returns a fixed random
+[B, K, ..., K] grid with ~half its entries exactly 0, whatever the ids, so
+only the weighting is timed, not the lookup.
+
+Prints one JSON object. Run from the repo root:
+
+  .venv/bin/python experiments/bench_sampler.py
+  .venv/bin/python experiments/bench_sampler.py --batches 1 --repeats 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Runs as a plain script from anywhere; the package lives at the repo root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=wrong-import-position
+from dynamo_jax.decoding import dynamo_sampler as ds
+from dynamo_jax.decoding import sampler_grid
+from dynamo_jax.decoding.sampling import sample_tokens
+
+VOCAB, K, N, HISTORY = 50304, 50, 3, 64
+TEMPERATURE, RP = 0.7, 1.1
+
+
+@jax.tree_util.register_pytree_node_class
+class FixedCooc:
+  """STAND-IN for the co-occurrence table: fixed random weight grids."""
+
+  def __init__(self, grids):
+    self.grids = grids  # {m: float32 [B, K, ..., K]}
+
+  @classmethod
+  def random(cls, batch, seed=0):
+    rng = np.random.RandomState(seed)
+    grids = {}
+    for m in range(2, N + 1):
+      w = rng.gamma(1.0, size=(batch,) + (K,) * m)
+      grids[m] = jnp.asarray(np.where(rng.rand(*w.shape) < 0.5, 0.0, w),
+                             jnp.float32)
+    return cls(grids)
+
+  def tree_flatten(self):
+    keys = sorted(self.grids)
+    return [self.grids[m] for m in keys], keys
+
+  @classmethod
+  def tree_unflatten(cls, keys, children):
+    return cls(dict(zip(keys, children)))
+
+  def grid_weights(self, topk_ids_BxMxK, alpha):
+    del alpha  # the stand-in's grids are final weights already
+    return self.grids[topk_ids_BxMxK.shape[1]]
+
+
+def _median_ms(fn, repeats):
+  jax.block_until_ready(fn())  # compile
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return round(1e3 * statistics.median(times), 4)
+
+
+def _stages(keys, logits, history, history_len, cooc, eps_b, repeats):
+  """Median ms of each stage, jitted separately, fed the previous outputs."""
+  temps = jnp.full((N,), TEMPERATURE, jnp.float32)
+  opts = dict(use_cooc=cooc is not None)
+
+  @jax.jit
+  def topk(keys, logits):
+    out = ds.topk_marginals(logits[:, :N], temps, history, history_len, k=K)
+    return out, ds.tuple_uniforms(keys, logits.shape[0], per_row=True)
+
+  @jax.jit
+  def grid_weights(ids, probs, seen, cooc):
+    joints, divisors = [], []
+    for m in range(2, N + 1):
+      w = cooc.grid_weights(ids[:, :m], 1.0) if opts["use_cooc"] else None
+      joints.append(sampler_grid.joint_grid(probs[:, :m], w))
+      divisors.append(ds.penalty_divisor(seen[:, :m], RP))
+    return joints, divisors
+
+  blur = jax.jit(lambda joints: [sampler_grid.gaussian_blur3(j)
+                                 for j in joints])
+  otsu = jax.jit(lambda scores: [sampler_grid.otsu_keep(
+      s.reshape(s.shape[0], -1)) for s in scores])
+
+  @jax.jit
+  def backoff_draw(keys, logits, ids, joints, keeps, divisors, u):
+    grids = []
+    for joint, keep, div in zip(joints, keeps, divisors):
+      flat = joint.reshape(joint.shape[0], -1)
+      grids.append(jnp.where(keep & (flat >= eps_b),
+                             flat / div.reshape(flat.shape), 0.0))
+    return ds.backoff_and_draw(keys, logits[:, 0], temps[0], ids, grids, u,
+                               jnp.float32(eps_b), k=K, greedy=False,
+                               per_row=True)
+
+  (ids, probs, seen), u = topk(keys, logits)
+  joints, divisors = grid_weights(ids, probs, seen, cooc)
+  scores = blur(joints)
+  keeps = otsu(scores)
+  return {
+      "topk": _median_ms(lambda: topk(keys, logits), repeats),
+      "grid_weights": _median_ms(lambda: grid_weights(ids, probs, seen, cooc),
+                                 repeats),
+      "blur": _median_ms(lambda: blur(joints), repeats),
+      "otsu": _median_ms(lambda: otsu(scores), repeats),
+      "backoff_draw": _median_ms(lambda: backoff_draw(
+          keys, logits, ids, joints, keeps, divisors, u), repeats),
+  }
+
+
+def _bench(batch, cooc, repeats):
+  rng = np.random.RandomState(batch)
+  logits = jnp.asarray(rng.randn(batch, N, VOCAB) * 3.0, jnp.float32)
+  history = jnp.asarray(rng.randint(0, VOCAB, (batch, HISTORY)), jnp.int32)
+  history_len = jnp.full((batch,), HISTORY, jnp.int32)
+  keys = jax.random.split(jax.random.PRNGKey(0), batch)
+  temps = jnp.full((N,), TEMPERATURE, jnp.float32)
+  out = {"total_ms": {}, "m_mean": {}}
+  for eps_b in (0.0, 0.5, 1.0):
+    run = lambda e=eps_b: ds._core_traced(  # pylint: disable=protected-access
+        keys, logits, history, history_len, cooc, temps, jnp.float32(e),
+        jnp.float32(RP), n=N, k=K, alpha=1.0, use_cooc=cooc is not None,
+        blur=True, otsu=True, greedy=False, per_row=True)
+    out["total_ms"][str(eps_b)] = _median_ms(run, repeats)
+    out["m_mean"][str(eps_b)] = float(np.mean(run().m_B))
+  out["wrapper_ms"] = _median_ms(lambda: ds.dynamo_sample(
+      keys, logits, history, history_len, cooc, n=N, k=K,
+      temperature=TEMPERATURE, eps_b=0.5, repetition_penalty=RP), repeats)
+  out["stages_ms"] = _stages(keys, logits, history, history_len, cooc, 0.5,
+                             repeats)
+  out["stages_ms"]["sum"] = round(sum(out["stages_ms"].values()), 4)
+  sample_ar = jax.jit(lambda keys, l: sample_tokens(
+      keys, l[:, 0], greedy=False, temperature=TEMPERATURE))
+  out["plain_ar_ms"] = _median_ms(lambda: sample_ar(keys, logits), repeats)
+  return out
+
+
+def _machine():
+  model = platform.processor() or "unknown"
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next(line.split(":", 1)[1].strip() for line in f
+                   if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(),
+          "jax": jax.__version__, "backend": jax.default_backend()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+  parser.add_argument("--repeats", type=int, default=200)
+  args = parser.parse_args()
+  load_before = os.getloadavg()[0]
+  results = {}
+  for batch in args.batches:
+    results[f"batch{batch}"] = {
+        "no_cooc": _bench(batch, None, args.repeats),
+        "cooc_standin": _bench(batch, FixedCooc.random(batch), args.repeats),
+    }
+  print(json.dumps({
+      "benchmark": "dynamo_sampler step",
+      "setting": {"vocab": VOCAB, "k": K, "n": N, "history": HISTORY,
+                  "temperature": TEMPERATURE, "repetition_penalty": RP,
+                  "blur": True, "otsu": True, "keys": "one per row",
+                  "repeats": args.repeats, "target_ms_batch1": 1.0},
+      "cooc_standin": "fixed random [B,K..K] weight grids, ~50% zeros; "
+                      "NOT the real table lookup",
+      "machine": _machine(),
+      "load_avg_1min": {"before": round(load_before, 2),
+                        "after": round(os.getloadavg()[0], 2)},
+      "results": results,
+  }, indent=1))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,225 @@
+"""DynaMo and verified decoding against AR decoding and the uncached forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dynamo_jax
+from dynamo_jax.decoding.dynamo import SamplerSettings, decode_step
+from dynamo_jax.errors import InputError
+from dynamo_jax.model import forward_cached, init_cache, tiny_config
+from dynamo_jax.training.config import OptimConfig
+from dynamo_jax.training.optimizer import make_optimizer
+from dynamo_jax.training.sharding import make_mesh
+from dynamo_jax.training.step import (init_state, make_train_step,
+                                      random_params_fn, state_shardings)
+from tests.conftest import random_params
+
+LOGIT_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def t3():
+  config = tiny_config(vocab_size=211, hidden_size=24, num_heads=3,
+                       intermediate_size=97, num_token_heads=3,
+                       max_position_embeddings=128)
+  return config, random_params(config)
+
+
+@pytest.fixture(scope="module")
+def trained_t3():
+  """A tiny T3 trained with our trainer on a predictable language: rows
+  count upward by a per-row stride modulo 31, so a head can know t+2, t+3."""
+  config = tiny_config(vocab_size=32, hidden_size=32, num_heads=4,
+                       intermediate_size=64, num_token_heads=3,
+                       max_position_embeddings=128)
+  opt = make_optimizer(OptimConfig(lr_base=1e-2, lr_heads_mult=1.0,
+                                   warmup_frac=0.02, weight_decay=0.0), 300)
+  mesh = make_mesh(1, 1, 1)
+  _, shardings = state_shardings(config, opt, mesh)
+  state = init_state(random_params_fn(config, 0), opt, shardings)
+  step = make_train_step(config, opt, mesh, shardings)
+  rng = np.random.RandomState(0)
+  for _ in range(300):
+    start = rng.randint(0, 31, size=(16, 1))
+    stride = rng.randint(1, 4, size=(16, 1))
+    tokens = (start + stride * np.arange(48)[None]) % 31
+    batch = {"tokens": tokens.astype(np.int32),
+             "segment_ids": np.ones((16, 48), np.int32)}
+    state, metrics = step(state, batch)
+  assert float(metrics["head_loss"][2]) < 0.2, metrics  # heads learned
+  return config, jax.tree.map(np.asarray, state["params"])
+
+
+def test_eps_b_one_is_ar(t3, rng):
+  config, params = t3
+  prompt = rng.randint(0, 211, size=(3, 6))
+  for seed in (0, 1, [5, 6, 7]):
+    ar = dynamo_jax.generate(config, params, prompt, max_new_tokens=24,
+                             seed=seed)
+    dyn = dynamo_jax.generate(config, params, prompt, max_new_tokens=24,
+                              mode="dynamo", eps_b=1.0, seed=seed)
+    np.testing.assert_array_equal(dyn.tokens, ar.tokens)
+    assert dyn.forward_passes == 24 and (dyn.accepted == 1).all()
+  greedy = dynamo_jax.generate(config, params, prompt, max_new_tokens=24,
+                               mode="dynamo", eps_b=1.0, greedy=True)
+  ar_greedy = dynamo_jax.generate(config, params, prompt, max_new_tokens=24,
+                                  greedy=True)
+  np.testing.assert_array_equal(greedy.tokens, ar_greedy.tokens)
+
+
+def test_eps_b_zero_emits_n_every_pass(t3, rng):
+  config, params = t3
+  out = dynamo_jax.generate(config, params, rng.randint(0, 211, size=(2, 4)),
+                            max_new_tokens=30, mode="dynamo", eps_b=0.0)
+  assert out.forward_passes == 10
+  assert (out.accepted == 3).all() and out.tokens_per_pass == 3.0
+
+
+def test_verified_greedy_equals_ar_greedy(trained_t3, t3, rng):
+  for config, params in (trained_t3, t3):
+    for length, new in ((1, 40), (5, 33), (17, 50)):
+      prompt = rng.randint(0, config.vocab_size - 1, size=(4, length))
+      ar = dynamo_jax.generate(config, params, prompt, max_new_tokens=new,
+                               greedy=True)
+      ver = dynamo_jax.generate(config, params, prompt, max_new_tokens=new,
+                                mode="verified", greedy=True)
+      np.testing.assert_array_equal(ver.tokens, ar.tokens)
+  # Trained heads are accepted: far fewer passes than AR's one per token.
+  config, params = trained_t3
+  prompt = (np.arange(8)[None] * np.array([[1], [2], [3]])) % 31
+  ver = dynamo_jax.generate(config, params, prompt, max_new_tokens=60,
+                            mode="verified", greedy=True)
+  assert ver.forward_passes <= 30 and ver.tokens_per_pass > 2.0
+
+
+def test_dynamo_on_trained_heads_emits_several_tokens(trained_t3):
+  config, params = trained_t3
+  prompt = (np.arange(8)[None] * np.array([[1], [2], [3]])) % 31
+  out = dynamo_jax.generate(config, params, prompt, max_new_tokens=60,
+                            mode="dynamo", eps_b=0.3, temperature=0.7, k=8)
+  assert out.tokens_per_pass > 2.0 and out.forward_passes < 30
+  # The emitted continuation follows the pattern (heads are right).
+  ref = dynamo_jax.generate(config, params, prompt, max_new_tokens=60,
+                            greedy=True)
+  assert np.mean(out.tokens == ref.tokens) > 0.8
+
+
+def _exact_two_token_distribution(config, params, prompt, temperature):
+  """AR's exact distribution of the first two new tokens, [V, V]."""
+  v = config.vocab_size
+  first = jax.nn.softmax(dynamo_jax.forward(config, params, prompt)[0, -1]
+                         / temperature)
+  seqs = np.concatenate([np.repeat(prompt, v, 0), np.arange(v)[:, None]], 1)
+  second = jax.nn.softmax(dynamo_jax.forward(config, params, seqs)[:, -1]
+                          / temperature, axis=-1)
+  return np.asarray(first)[:, None] * np.asarray(second)
+
+
+def test_verified_sampling_has_ar_distribution():
+  """Chi-square test of 6000 verified samples of (t1, t2) against AR's exact
+  distribution; AR's own samples pass the same test (a control)."""
+  from scipy import stats
+  config = tiny_config(vocab_size=7, hidden_size=16, num_heads=2,
+                       intermediate_size=32, num_token_heads=3)
+  params = random_params(config, seed=3, scale=0.5)
+  prompt = np.array([[1, 4, 2]])
+  exact = _exact_two_token_distribution(config, params, prompt, 0.7).ravel()
+  n = 6000
+  seeds = list(range(n))
+  prompts = np.repeat(prompt, n, 0)
+  pvalues = {}
+  for mode in ("verified", "ar"):
+    out = dynamo_jax.generate(config, params, prompts, max_new_tokens=2,
+                              mode=mode, seed=seeds, temperature=0.7)
+    if mode == "verified":
+      # Drafts were both accepted and rejected: the residual path ran.
+      assert 0.05 < np.mean(out.accepted[:, 1] >= 2) < 0.95
+    cells = out.tokens[:, 0] * 7 + out.tokens[:, 1]
+    observed = np.bincount(cells, minlength=49)
+    keep = exact * n >= 5  # pool cells too rare for the chi-square test
+    obs = np.append(observed[keep], observed[~keep].sum())
+    exp = np.append(exact[keep], exact[~keep].sum()) * n
+    pvalues[mode] = stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+  assert pvalues["ar"] > 1e-3 and pvalues["verified"] > 1e-3, pvalues
+  # The test can fail: head 2's marginal is not AR's second-token law.
+  assert np.abs(exact.reshape(7, 7).sum(0) - np.asarray(jax.nn.softmax(
+      dynamo_jax.forward(config, params, prompt, all_heads=True)[1, 0, -1]
+      / 0.7))).max() > 0.05
+
+
+@pytest.mark.parametrize("mode", ["dynamo", "verified"])
+def test_batched_equals_each_row_alone(t3, rng, mode):
+  config, params = t3
+  prompt = rng.randint(0, 211, size=(3, 5))
+  seeds = [11, 22, 33]
+  kw = dict(max_new_tokens=20, mode=mode, temperature=0.7)
+  if mode == "dynamo":
+    kw["eps_b"] = 0.05  # low enough that rows emit different m
+  batched = dynamo_jax.generate(config, params, prompt, seed=seeds, **kw)
+  for r in range(3):
+    alone = dynamo_jax.generate(config, params, prompt[r:r + 1],
+                                seed=[seeds[r]], **kw)
+    np.testing.assert_array_equal(batched.tokens[r], alone.tokens[0])
+    active = batched.accepted[r][batched.accepted[r] > 0]
+    np.testing.assert_array_equal(active, alone.accepted[0][alone.accepted[0] > 0])
+  if mode == "dynamo":
+    assert len({tuple(a) for a in batched.accepted.tolist()}) > 1
+
+
+def test_cached_heads_equal_uncached(t3, rng):
+  config, params = t3
+  seq = rng.randint(0, 211, size=(2, 30))
+  full = np.asarray(dynamo_jax.forward(config, params, seq, all_heads=True))
+  cache = init_cache(config, 2, 40, all_heads=True)
+  got, pos = [], 0
+  for size in (7, 3, 3, 1, 3, 2, 3, 3, 3, 2):
+    logits, cache = forward_cached(config, params, cache,
+                                   jnp.asarray(seq[:, pos:pos + size]),
+                                   all_heads=True)
+    got.append(np.asarray(logits))
+    pos += size
+  assert pos == 30
+  assert np.abs(np.concatenate(got, axis=2) - full).max() <= LOGIT_TOL
+
+
+def test_decode_step_exports_for_tpu_and_cuda(t3):
+  config, params = t3
+  b, n = 2, config.num_token_heads
+  cache = init_cache(config, b, 32, all_heads=True)
+
+  def step(params, cache, tokens, lengths, keys, history, history_len):
+    return decode_step(config, params, cache, tokens, lengths, keys, history,
+                       history_len, None, settings=SamplerSettings(k=8))
+
+  args = (params, cache, jnp.zeros((b, n), jnp.int32),
+          jnp.full((b,), n, jnp.int32), jnp.zeros((b, 2), jnp.uint32),
+          jnp.zeros((b, 16), jnp.int32), jnp.zeros((b,), jnp.int32))
+  for platform in ("tpu", "cuda"):
+    exported = jax.export.export(jax.jit(step), platforms=[platform])(*args)
+    assert exported.platforms == (platform,)
+
+
+def test_decoding_errors(t3):
+  config, params = t3
+  base = dynamo_jax.tiny_config()
+  base_params = dynamo_jax.init_params(base)
+  ok = np.ones((1, 4), np.int32)
+  cases = [
+      (dict(input_ids=np.zeros((1, 0), np.int32)), "empty"),
+      (dict(input_ids=np.ones((1, 127), np.int32)), "exceeds max_position"),
+      (dict(eps_b=1.5, mode="dynamo"), "eps_b must lie in"),
+      (dict(eps_b=-0.1, mode="dynamo"), "eps_b must lie in"),
+      (dict(temperature=0.0), "temperature must be > 0"),
+      (dict(k=212, mode="dynamo"), "k must be an integer in 1..211"),
+      (dict(seed=[1, 2]), "one int per row"),
+  ]
+  for kw, match in cases:
+    args = dict(input_ids=ok, max_new_tokens=4)
+    args.update(kw)
+    with pytest.raises(InputError, match=match):
+      dynamo_jax.generate(config, params, **args)
+  for mode in ("dynamo", "verified"):
+    with pytest.raises(InputError, match="needs a DynaMo model with token heads"):
+      dynamo_jax.generate(base, base_params, ok, max_new_tokens=4, mode=mode)

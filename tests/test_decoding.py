@@ -223,3 +223,34 @@ def test_decoding_errors(t3):
   for mode in ("dynamo", "verified"):
     with pytest.raises(InputError, match="needs a DynaMo model with token heads"):
       dynamo_jax.generate(base, base_params, ok, max_new_tokens=4, mode=mode)
+
+
+def test_readme_decode_step_loop(t3, rng):
+  """The README's own-jitted-loop example, run: it must equal generate()."""
+  import functools
+  from dynamo_jax import SamplerSettings, decode_step, init_cache
+  from dynamo_jax.decoding.ar import pass_keys
+  from dynamo_jax.decoding.dynamo import write_rows
+  config, params = t3
+  prompt = jnp.asarray(rng.randint(0, 211, size=(2, 5)), jnp.int32)
+  B, P, n = prompt.shape[0], prompt.shape[1], config.num_token_heads
+  cache = init_cache(config, B, max_len=P + 24 + n, all_heads=True)
+  step = jax.jit(functools.partial(decode_step, config, eps_b=0.05,
+                                   settings=SamplerSettings(k=50)),
+                 donate_argnums=1)
+  row_keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray([4, 9]))
+  history, count = jnp.zeros((B, 24 + n), jnp.int32), jnp.zeros((B,), jnp.int32)
+  res, cache = step(params, cache, prompt, jnp.full((B,), P), pass_keys(row_keys, 0),
+                    history, count)
+  for p in range(1, 8):
+    history = write_rows(history, res.tokens_BxN, count)
+    count = count + res.m_B
+    res, cache = step(params, cache, res.tokens_BxN, res.m_B,
+                      pass_keys(row_keys, p), history, count)
+  history = write_rows(history, res.tokens_BxN, count)
+  count = count + res.m_B
+  ref = dynamo_jax.generate(config, params, prompt, max_new_tokens=int(count.min()),
+                            mode="dynamo", eps_b=0.05, seed=[4, 9])
+  for r in range(B):
+    np.testing.assert_array_equal(np.asarray(history[r, :ref.tokens.shape[1]]),
+                                  ref.tokens[r])

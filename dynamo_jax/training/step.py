@@ -92,8 +92,13 @@ def make_train_step(config: PythiaConfig, opt: DynamoOptimizer, mesh: Mesh,
       return (weighted_N[0], jnp.sum(weighted_N[1:])), losses_N
     _, vjp_fn, losses_N = jax.vjp(objective, params, has_aux=True)
     one, zero = jnp.float32(1.0), jnp.float32(0.0)
+    # Each gradient is a backward pass; skip the ones that are known zeros
+    # (g2 without extra heads) or unused (g1 when the base is frozen).
+    if n == 1:
+      g1 = vjp_fn((one, zero))[0]
+      return g1, jax.tree.map(jnp.zeros_like, g1), losses_N
     g2 = vjp_fn((zero, one))[0]
-    g1 = vjp_fn((one, zero))[0] if need_g1 else g2  # g1 unused when frozen
+    g1 = vjp_fn((one, zero))[0] if need_g1 else g2
     return g1, g2, losses_N
 
   def step_fn(state, batch):

@@ -51,4 +51,7 @@ def load(path_or_id: str | None = None, *, revision: str | None = None,
   if os.path.exists(os.path.join(directory, COOC_FILE)):
     from dynamo_jax import cooc as cooc_lib  # pylint: disable=import-outside-toplevel
     cooc = cooc_lib.load(os.path.join(directory, COOC_FILE))
+    cooc.check_compatible(vocab_hash=cooc_lib.vocab_hash(tokenizer),
+                          vocab_size=config.vocab_size,
+                          num_heads=config.num_token_heads)
   return Model(config=config, params=params, tokenizer=tokenizer, cooc=cooc)

@@ -56,6 +56,9 @@ def _generate(args) -> None:
   if args.cooc:
     from dynamo_jax import cooc as cooc_lib  # pylint: disable=import-outside-toplevel
     cooc = cooc_lib.load(args.cooc)
+    cooc.check_compatible(vocab_hash=cooc_lib.vocab_hash(tokenizer),
+                          vocab_size=config.vocab_size,
+                          num_heads=config.num_token_heads)
   if args.no_cooc or args.mode != "dynamo":
     cooc = None
   ids = np.asarray([tokenizer.encode(args.prompt)], np.int32)
@@ -148,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="config overrides, e.g. optim.lr_base=1e-5 data.paths="
                  "'[\"a.bin\"]'")
   p.set_defaults(func=_train)
+
+  from dynamo_jax.cooc import cli as cooc_cli  # pylint: disable=import-outside-toplevel
+  cooc_cli.add_parser(sub).set_defaults(func=cooc_cli.run)
   return parser
 
 

@@ -254,3 +254,41 @@ def test_readme_decode_step_loop(t3, rng):
   for r in range(B):
     np.testing.assert_array_equal(np.asarray(history[r, :ref.tokens.shape[1]]),
                                   ref.tokens[r])
+
+
+def test_dynamo_with_a_cooc_table(t3, rng):
+  """A real table (counted from a token stream) weights and masks the grid."""
+  from dynamo_jax.cooc import count_ngrams
+  from dynamo_jax.errors import CheckpointError
+  config, params = t3
+  docs = [rng.randint(0, 40, size=500) for _ in range(20)]  # ids < 40 only
+  table = count_ngrams(docs, vocab_size=211, max_order=3)
+  prompt = rng.randint(0, 40, size=(2, 5))
+  out = dynamo_jax.generate(config, params, prompt, max_new_tokens=24,
+                            mode="dynamo", eps_b=0.0, cooc=table, seed=[1, 2])
+  plain = dynamo_jax.generate(config, params, prompt, max_new_tokens=24,
+                              mode="dynamo", eps_b=0.0, seed=[1, 2])
+  assert (plain.accepted == 3).all()
+  # Every multi-token tuple emitted must be an n-gram of the table (absent
+  # n-grams get weight 0), which the unweighted run does not respect.
+  grams = {m: {tuple(d[i:i + m]) for d in docs for i in range(len(d) - m + 1)}
+           for m in (2, 3)}
+  def tuples(result):
+    for r in range(2):
+      pos = 0
+      for m in result.accepted[r]:
+        chunk = tuple(result.tokens[r, pos:pos + m])
+        if m >= 2 and len(chunk) == m:
+          yield chunk
+        pos += m
+  emitted = list(tuples(out))
+  assert emitted and all(t in grams[len(t)] for t in emitted)
+  assert not all(t in grams[len(t)] for t in tuples(plain))
+  small = count_ngrams(docs, vocab_size=211, max_order=2)
+  with pytest.raises(CheckpointError, match="order"):
+    dynamo_jax.generate(config, params, prompt, max_new_tokens=4,
+                        mode="dynamo", cooc=small)
+  bigger = count_ngrams(docs, vocab_size=300, max_order=3)
+  with pytest.raises(CheckpointError, match="vocab"):
+    dynamo_jax.generate(config, params, prompt, max_new_tokens=4,
+                        mode="dynamo", cooc=bigger)

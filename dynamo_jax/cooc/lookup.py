@@ -1,0 +1,194 @@
+"""Co-occurrence weights of DynaMo's top-k grid (paper Algorithm 1, step 4).
+
+Shapes (letters as in tensor names):
+  B batch, M heads in the grid (the m of the back-off, 2..n), K top-k per
+  head, V vocabulary (of the table), S slots of one level of the trie.
+
+  topk_ids_BxMxK  int32: topk_ids[b, i] are head i+1's top-k token ids.
+  weights         float32 [B, K, ..., K] (M axes of K, in head order): the
+                  entry for (x_1..x_M), x_i = topk_ids[b, i, j_i], is
+                    (p(x_1..x_M) / prod_i p(x_i)) ** alpha,
+                  p(x_1..x_M) = count / positions[M] and p(x) = count(x) /
+                  total tokens; exactly 0 when the M-gram is not in the
+                  (pruned) table, or an id is outside [0, V).
+
+`to_device(table)` turns a CoocTable into a pytree of jnp arrays (a trie of
+cuckoo hash tables, see hashtrie.py, holding each n-gram's ratio
+p(x_1..x_m) / prod_i p(x_i), computed in float64) to pass into jitted code;
+`grid_weights` reads it with two gathers per grid entry and level.
+`DeviceTable` wraps those arrays with a `grid_weights(ids, alpha)` method.
+`grid_weights_numpy` is the reference: binary search over the table's sorted
+uint64 keys, in float64.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynamo_jax.cooc import hashtrie
+from dynamo_jax.cooc import keys as keys_lib
+from dynamo_jax.cooc.table import CoocTable
+from dynamo_jax.errors import CheckpointError, InputError
+
+
+def ratios(table: CoocTable, order: int) -> np.ndarray:
+  """float32 [R]: p(x_1..x_m) / prod_i p(x_i) of each m-gram in the table.
+
+  Computed in float64 and rounded once, so the device lookup returns it
+  as is (to the power alpha).
+  """
+  ids = keys_lib.decode(table.keys[order], order, table.vocab_size)
+  ratio = table.counts[order] / table.positions[order]
+  unigrams = table.unigram_counts.astype(np.float64)
+  for i in range(order):
+    ratio = ratio * (table.total_tokens / unigrams[ids[:, i]])
+  if ratio.size and not ratio.max() < np.finfo(np.float32).max:
+    raise CheckpointError(f"an order-{order} co-occurrence ratio exceeds "
+                          "float32; the table is inconsistent.")
+  return ratio.astype(np.float32)
+
+
+def to_device(table: CoocTable, max_order: int | None = None) -> dict:
+  """The table as a pytree of jnp arrays for `grid_weights`.
+
+  Args:
+    table: counts to serve.
+    max_order: build levels 2..max_order only (default: all of the table's);
+      a T3 model needs 3.
+
+  Returns:
+    {"root_off", "root_mask": int32 [V],
+     "order_m": int32 [S, C] rows (tok, ratio bits[, child_off,
+                child_mask]) for m = 2..max_order; see hashtrie.py}
+  """
+  max_order = table.max_order if max_order is None else max_order
+  if not 2 <= max_order <= table.max_order:
+    raise InputError(f"max_order must be in 2..{table.max_order} for this "
+                     f"table, got {max_order}.")
+  values = {m: ratios(table, m) for m in range(2, max_order + 1)}
+  arrays = hashtrie.build(table.keys, values, table.vocab_size, max_order)
+  return jax.tree.map(jnp.asarray, arrays)
+
+
+@jax.tree_util.register_pytree_node_class
+class DeviceTable:
+  """`to_device` arrays with the sampler's interface; a pytree, so it can be
+  an argument of jitted functions (from `CoocTable.device_table()`)."""
+
+  def __init__(self, arrays: dict):
+    self.arrays = arrays
+
+  @property
+  def max_order(self) -> int:
+    return _num_orders(self.arrays)
+
+  def grid_weights(self, topk_ids_BxMxK: jax.Array, alpha=1.0) -> jax.Array:
+    """float32 [B, K, ..., K]; see `grid_weights`."""
+    return grid_weights(self.arrays, topk_ids_BxMxK, alpha)
+
+  def tree_flatten(self):
+    return (self.arrays,), None
+
+  @classmethod
+  def tree_unflatten(cls, _, children):
+    return cls(*children)
+
+
+def _num_orders(table_arrays: dict) -> int:
+  m = 2
+  while f"order_{m + 1}" in table_arrays:
+    m += 1
+  return m
+
+
+def grid_weights(table_arrays: dict, topk_ids_BxMxK: jax.Array,
+                 alpha=1.0) -> jax.Array:
+  """float32 [B, K, ..., K]: co-occurrence weights of the top-k grid.
+
+  Jit-friendly; M and K come from the static shape of topk_ids_BxMxK.
+  `alpha` may be traced; a Python 1 or 1.0 skips the power.
+  """
+  b, m_heads, k = topk_ids_BxMxK.shape
+  if not 2 <= m_heads <= _num_orders(table_arrays):
+    raise InputError(f"grid_weights needs 2 <= M <= "
+                     f"{_num_orders(table_arrays)} (the orders on device), "
+                     f"got M = {m_heads}.")
+  root_off_V = table_arrays["root_off"]
+  ids_BxMxK = topk_ids_BxMxK.astype(jnp.int32)
+  valid_BxMxK = (ids_BxMxK >= 0) & (ids_BxMxK < root_off_V.shape[0])
+  safe_BxMxK = jnp.where(valid_BxMxK, ids_BxMxK, 0)
+  # Stored tokens are >= -1, so -2 matches nothing: out-of-range ids miss.
+  query_BxMxK = jnp.where(valid_BxMxK, ids_BxMxK, -2)
+  ha_BxMxK = hashtrie.hash_a(safe_BxMxK, jnp)
+  hb_BxMxK = hashtrie.hash_b(safe_BxMxK, jnp)
+
+  # The parents of the current level: P = K**(m-1) prefixes per batch row,
+  # flattened with the batch into R = B * P. Keeping R as the outer axis
+  # lets XLA's CPU backend split each level's loop over threads.
+  # An invalid first id starts at the sentinel (offset 0 and mask 0).
+  first_B, valid_B = safe_BxMxK[:, 0], valid_BxMxK[:, 0]
+  off_R = jnp.where(valid_B, root_off_V[first_B], 0).reshape(-1)
+  mask_R = jnp.where(valid_B, table_arrays["root_mask"][first_B], 0).reshape(-1)
+  for m in range(2, m_heads + 1):
+    rows_SxC = table_arrays[f"order_{m}"]
+    r = off_R.shape[0]
+
+    def per_parent(x_BxMxK, i=m - 1, r=r):
+      return jnp.broadcast_to(x_BxMxK[:, None, i], (b, r // b, k)).reshape(r, k)
+
+    mask_Rx1 = mask_R.astype(jnp.uint32)[:, None]
+    local_a_RxK = per_parent(ha_BxMxK) & mask_Rx1
+    local_b_RxK = local_a_RxK ^ (((per_parent(hb_BxMxK) & mask_Rx1) | 1)
+                                 & mask_Rx1)
+    slot_a_RxK = off_R[:, None] + local_a_RxK.astype(jnp.int32)
+    slot_b_RxK = off_R[:, None] + local_b_RxK.astype(jnp.int32)
+    query_RxK = per_parent(query_BxMxK)
+    # Scalar gathers of single columns fuse into one loop with the selects;
+    # a slot's columns share a cache line, so only column 0 misses.
+    slot_RxK = jnp.where(
+        rows_SxC[slot_a_RxK, 0] == query_RxK, slot_a_RxK,
+        jnp.where(rows_SxC[slot_b_RxK, 0] == query_RxK, slot_b_RxK, 0))
+    if m < m_heads:
+      off_R = rows_SxC[slot_RxK, 2].reshape(-1)
+      mask_R = rows_SxC[slot_RxK, 3].reshape(-1)
+  # A miss took the sentinel slot 0, whose ratio is 0.
+  ratio_RxK = jax.lax.bitcast_convert_type(rows_SxC[slot_RxK, 1], jnp.float32)
+  if isinstance(alpha, (int, float)) and alpha == 1:
+    weights_RxK = ratio_RxK
+  else:
+    weights_RxK = jnp.where(
+        ratio_RxK > 0, jnp.power(ratio_RxK, jnp.asarray(alpha, jnp.float32)),
+        0.0)
+  return weights_RxK.reshape((b,) + (k,) * m_heads)
+
+
+def grid_weights_numpy(table: CoocTable, topk_ids_BxMxK: np.ndarray,
+                       alpha: float = 1.0) -> np.ndarray:
+  """Reference for `grid_weights`, from the CoocTable itself (float64 math,
+  float32 result)."""
+  ids = np.asarray(topk_ids_BxMxK, np.int64)
+  b, m_heads, k = ids.shape
+  v = table.vocab_size
+  # Every grid point as a row of M ids, in C order of [B, K, ..., K].
+  mesh = np.meshgrid(*[np.arange(k)] * m_heads, indexing="ij")
+  rows = np.stack([g.ravel() for g in mesh], axis=-1)  # [K**M, M]
+  grid_BxGxM = np.stack([ids[:, i][:, rows[:, i]] for i in range(m_heads)],
+                        axis=-1)
+  valid = np.all((grid_BxGxM >= 0) & (grid_BxGxM < v), axis=-1)
+  safe = np.where(grid_BxGxM >= 0, np.minimum(grid_BxGxM, v - 1), 0)
+  keys = keys_lib.encode(safe.reshape(-1, m_heads), v).reshape(valid.shape)
+  table_keys = table.keys[m_heads]
+  pos = np.minimum(np.searchsorted(table_keys, keys), table_keys.size - 1)
+  if table_keys.size:
+    found = valid & (table_keys[pos] == keys)
+    count = np.where(found, table.counts[m_heads][pos], 0).astype(np.float64)
+  else:
+    count = np.zeros(keys.shape)
+  p_joint = count / table.positions[m_heads]
+  p_tokens = table.unigram_counts[safe].astype(np.float64) / table.total_tokens
+  with np.errstate(divide="ignore", invalid="ignore"):
+    ratio = p_joint / np.prod(p_tokens, axis=-1)
+    weights = np.where(count > 0, ratio**alpha, 0.0)
+  return weights.reshape((b,) + (k,) * m_heads).astype(np.float32)

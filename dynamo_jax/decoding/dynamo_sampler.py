@@ -35,14 +35,14 @@ Decisions where the paper is silent (see also sampler_grid.py):
     vocabulary, no top-k, no penalty, the same draw as
     `jax.random.categorical(key, logits[:, 0] / T[0])` (greedy: argmax of
     head 1's raw logits, first index on ties). It is computed only when
-    some row backs off to m = 1 (lax.cond), since a 50k-way draw costs as
-    much as the rest of the sampler.
+    some row backs off to m = 1 (lax.cond): a 50k-way Gumbel draw costs
+    ~0.2 ms, half the rest of the sampler.
   * Keys: either one key per row (typed [B] or raw uint32 [B, 2]), so that
     a row's result does not depend on the rest of the batch; or one key for
-    the whole batch, which matches `sampling.sample_tokens` bit for bit at
-    m = 1. Per row, order 1 draws with the key itself (categorical over
-    [V]); a single key draws categorical over [B, V]. Tuples use
-    u = uniform(fold_in(key, 1)), shape [] per row or [B] for a single key.
+    the whole batch. Per row, order 1 is `categorical(key_b, logits_b)` over
+    [V], bit for bit what `sampling.sample_tokens` draws with the same row
+    keys; a single key is `categorical(key, logits)` over [B, V]. Tuples
+    use u = uniform(fold_in(key, 1)), shape [] per row or [B] for one key.
   * Greedy (not in the paper): same back-off, then the grid's first maximum
     in C order instead of a draw.
   * NaN logits are not supported.
@@ -50,7 +50,6 @@ Decisions where the paper is silent (see also sampler_grid.py):
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple, Protocol
 
@@ -58,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamo_jax.decoding import sampler_grid
+from dynamo_jax.decoding import sampler_grid, sampler_topk
 from dynamo_jax.errors import InputError
 
 
@@ -73,6 +72,7 @@ class CoocWeights(Protocol):
 
 
 class SampleResult(NamedTuple):
+  """One step's output per row, plus what the back-off looked at."""
   m_B: jax.Array            # int32 [B], tokens emitted, 1..n
   tokens_BxN: jax.Array     # int32 [B, n], first m valid, the rest 0
   joint_prob_B: jax.Array   # float32 [B], p of the emitted tuple (final grid)
@@ -91,11 +91,12 @@ def topk_marginals(logits_BxNxV: jax.Array, temperature_N: jax.Array,
   to 1 per head, seen bool [B,N,K] = id is in the row's valid history)."""
   b, _, v = logits_BxNxV.shape
   logits_BxNxV = logits_BxNxV.astype(jnp.float32)
-  # The barrier keeps XLA CPU's fast TopK: without it, later passes fold the
-  # top-k slice into its consumers and the top-k becomes a full sort of V
-  # (measured: 27 ms instead of 0.2 ms at B=1, V=50304).
+  # The barrier keeps lax.top_k (exact_top_k's path for small V or large k)
+  # on XLA CPU's TopK routine: without it, later passes fold the top-k slice
+  # into its consumers and it becomes a full sort of V (27 ms instead of
+  # 0.2 ms at B=1, V=50304).
   top_BxNxK, ids_BxNxK = jax.lax.optimization_barrier(
-      jax.lax.top_k(logits_BxNxV, k))
+      sampler_topk.exact_top_k(logits_BxNxV, k))
   probs_BxNxK = jax.nn.softmax(top_BxNxK / temperature_N[None, :, None],
                                axis=-1)
   # A vocab-sized membership mask costs O(V + H) per row, less than
@@ -182,10 +183,10 @@ def order_grids(ids_BxNxK, probs_BxNxK, seen_BxNxK, cooc, eps_b,
   return grids
 
 
-def backoff_and_draw(keys, logits_BxV, temperature, ids_BxNxK, grids, u_B,
+def backoff_and_draw(keys, logits_BxNxV, temperature, ids_BxNxK, grids, u_B,
                      eps_b, *, k, greedy, per_row):
   """Steps 7-8: each row's largest passing order, its draw, and order 1
-  (plain AR on head 1's logits_BxV) where no order passes.
+  (plain AR on head 1's logits) where no order passes.
 
   Returns (m_B, tokens_BxN, joint_prob_B, passed_BxN, peak_BxN).
   """
@@ -210,7 +211,9 @@ def backoff_and_draw(keys, logits_BxV, temperature, ids_BxNxK, grids, u_B,
   m_B = m_B.astype(jnp.int32)
 
   def order1(_):
-    return plain_ar(keys, logits_BxV, temperature, greedy=greedy,
+    # Head 1's logits are sliced here, not outside: a cond operand would be
+    # copied even when the branch is skipped.
+    return plain_ar(keys, logits_BxNxV[:, 0], temperature, greedy=greedy,
                     per_row=per_row)
 
   def skip(_):
@@ -235,7 +238,7 @@ def _sample_core(keys, logits_BxNxV, history_BxH, history_len_B, cooc,
                       repetition_penalty, n=n, k=k, alpha=alpha,
                       use_cooc=use_cooc, blur=blur, otsu=otsu)
   m_B, tokens_BxN, joint_prob_B, passed_BxN, peak_BxN = backoff_and_draw(
-      keys, logits_BxNxV[:, 0], temperature_N[0], ids_BxNxK, grids, u_B,
+      keys, logits_BxNxV, temperature_N[0], ids_BxNxK, grids, u_B,
       eps_b, k=k, greedy=greedy, per_row=per_row)
   return SampleResult(m_B=m_B, tokens_BxN=tokens_BxN,
                       joint_prob_B=joint_prob_B, passed_BxN=passed_BxN,
@@ -287,6 +290,11 @@ def _check_inputs(logits_BxNxV, history_BxH, history_len_B, cooc, *, n, k,
   if np.shape(temperature) not in ((), (heads,)):
     raise InputError(f"temperature must be a scalar or one per head "
                      f"[{heads}], got shape {np.shape(temperature)}.")
+  for name, value in (("eps_b", eps_b),
+                      ("repetition_penalty", repetition_penalty)):
+    if np.ndim(value) != 0:
+      raise InputError(f"{name} must be a scalar, got shape "
+                       f"{np.shape(value)}.")
   checks = (
       ("temperature", temperature, lambda t: np.all(t > 0) and
        np.all(np.isfinite(t)), "finite and > 0 (use greedy=True for argmax)"),
@@ -304,6 +312,9 @@ def _check_inputs(logits_BxNxV, history_BxH, history_len_B, cooc, *, n, k,
   if np.ndim(history_BxH) != 2 or np.shape(history_BxH)[0] != b:
     raise InputError(f"history must be [B={b}, H], got shape "
                      f"{np.shape(history_BxH)}.")
+  if not np.issubdtype(np.result_type(history_BxH), np.integer):
+    raise InputError(f"history must hold integer token ids, got dtype "
+                     f"{np.result_type(history_BxH)}.")
   if np.shape(history_len_B) != (b,):
     raise InputError(f"history_len must be [B={b}], got shape "
                      f"{np.shape(history_len_B)}.")
@@ -357,14 +368,17 @@ def dynamo_sample(key, logits_BxNxV, history_BxH, history_len_B, cooc, *,
                 use_cooc=use_cooc, repetition_penalty=repetition_penalty)
   b, heads, _ = np.shape(logits_BxNxV)
   per_row = _check_key(key, b)
-  temperature_N = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32),
-                                   (heads,))[:n]
+  # numpy when concrete: each eager jnp op here would cost a dispatch.
+  xp = np if _concrete(temperature) is not None else jnp
+  temperature_N = xp.broadcast_to(xp.asarray(temperature, np.float32),
+                                  (heads,))[:n]
+  as_f32 = lambda x: (np.float32(x) if _concrete(x) is not None
+                      else jnp.asarray(x, jnp.float32))
   leaves = jax.tree_util.tree_leaves(cooc)
   opaque = cooc is not None and len(leaves) == 1 and leaves[0] is cooc
   core = _core_static if opaque else _core_traced
-  return core(key, logits_BxNxV, jnp.asarray(history_BxH),
-              jnp.asarray(history_len_B), cooc, temperature_N,
-              jnp.float32(eps_b), jnp.float32(repetition_penalty), n=int(n),
-              k=int(k), alpha=float(alpha), use_cooc=bool(use_cooc),
+  return core(key, logits_BxNxV, history_BxH, history_len_B, cooc,
+              temperature_N, as_f32(eps_b), as_f32(repetition_penalty),
+              n=int(n), k=int(k), alpha=float(alpha), use_cooc=bool(use_cooc),
               blur=bool(blur), otsu=bool(otsu), greedy=bool(greedy),
               per_row=per_row)

@@ -109,7 +109,7 @@ def test_three_learning_rates_against_hand_written_adam(mode):
 def test_every_config_loads():
   names = sorted(os.path.basename(p)[:-5] for p in
                  glob.glob(os.path.join(CONFIG_DIR, "*.json")))
-  assert "tiny-test" in names and "dynamo-7.3b-t3" in names and len(names) == 8
+  assert {"tiny-test", "dynamo-77m-t3", "dynamo-7.3b-t3"} <= set(names)
   paper_lr = {"dynamo-77m-t3": 1e-5, "dynamo-180m-t3": 6e-6,
               "dynamo-430m-t3": 3e-6, "dynamo-1.1b-t3": 2e-6,
               "dynamo-1.5b-t3": 2e-6, "dynamo-2.9b-t3": 1.6e-6,
@@ -118,8 +118,8 @@ def test_every_config_loads():
   for name in names:
     cfg = load_config(name)
     config = model_config(cfg)
-    assert config.num_token_heads == 3
     if name in paper_lr:
+      assert config.num_token_heads == 3
       assert cfg.optim.lr_base == paper_lr[name]
       assert (cfg.optim.lr_heads_mult, cfg.optim.lr_stem_from_heads_mult) == (100, 0.1)
       assert (cfg.optim.b1, cfg.optim.b2, cfg.optim.eps) == (0.9, 0.95, 1e-8)

@@ -132,7 +132,7 @@ def checked_tensors(config: PythiaConfig, source: TensorSource,
         raise CheckpointError(
             f"tensor {spec.hf_name} has shape {tuple(array.shape)}, but "
             f"config.json implies {spec.hf_shape}.")
-      yield np.ascontiguousarray(spec.to_ours(array).astype(dtype))
+      yield np.ascontiguousarray(spec.to_ours(array).astype(dtype, copy=False))
 
   return ordered, arrays()
 

@@ -35,6 +35,7 @@ class SamplerSettings(NamedTuple):
   blur: bool = True
   otsu: bool = True
   greedy: bool = False
+  kernel: str = "reference"  # or "pallas" (dynamo_jax/kernels)
 
 
 def last_valid(logits_NxBxTxV, lengths_B):
@@ -75,7 +76,8 @@ def decode_step(config: PythiaConfig, params: Params, cache: KVCache,
       history_len_B, cooc, n=config.num_token_heads, k=settings.k,
       temperature=temperature, eps_b=eps_b, alpha=settings.alpha,
       use_cooc=settings.use_cooc, blur=settings.blur, otsu=settings.otsu,
-      repetition_penalty=repetition_penalty, greedy=settings.greedy)
+      repetition_penalty=repetition_penalty, greedy=settings.greedy,
+      kernel=settings.kernel)
   return result, cache
 
 

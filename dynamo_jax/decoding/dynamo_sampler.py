@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dynamo_jax import kernels
 from dynamo_jax.decoding import sampler_grid, sampler_topk
 from dynamo_jax.errors import InputError
 
@@ -162,12 +163,11 @@ def tuple_uniforms(keys, batch: int, *, per_row: bool) -> jax.Array:
   return jax.random.uniform(jax.random.fold_in(keys, 1), (batch,))
 
 
-def order_grids(ids_BxNxK, probs_BxNxK, seen_BxNxK, cooc, eps_b,
-                repetition_penalty, *, n, k, alpha, use_cooc, blur, otsu):
-  """Steps 3-6 for orders m = 2..n: a list of final grids [B, K^m]
-  (thresholded, penalised, not renormalised)."""
+def order_weights(ids_BxNxK, cooc, *, n, k, alpha, use_cooc):
+  """Co-occurrence weights of orders m = 2..n: float32 [B, K, ..., K] (m
+  axes) each, or None each without a table."""
   b = ids_BxNxK.shape[0]
-  grids = []
+  out = []
   for m in range(2, n + 1):
     weights = None
     if use_cooc and cooc is not None:
@@ -176,6 +176,18 @@ def order_grids(ids_BxNxK, probs_BxNxK, seen_BxNxK, cooc, eps_b,
         raise InputError(f"cooc.grid_weights returned shape {weights.shape},"
                          f" expected {(b,) + (k,) * m}.")
       weights = weights.astype(jnp.float32)
+    out.append(weights)
+  return out
+
+
+def order_grids(ids_BxNxK, probs_BxNxK, seen_BxNxK, cooc, eps_b,
+                repetition_penalty, *, n, k, alpha, use_cooc, blur, otsu):
+  """Steps 3-6 for orders m = 2..n: a list of final grids [B, K^m]
+  (thresholded, penalised, not renormalised)."""
+  grids = []
+  all_weights = order_weights(ids_BxNxK, cooc, n=n, k=k, alpha=alpha,
+                              use_cooc=use_cooc)
+  for m, weights in zip(range(2, n + 1), all_weights):
     joint = sampler_grid.joint_grid(probs_BxNxK[:, :m], weights)
     divisor = penalty_divisor(seen_BxNxK[:, :m], repetition_penalty)
     grids.append(sampler_grid.threshold_grid(joint, divisor, eps_b, blur=blur,
@@ -228,25 +240,57 @@ def backoff_and_draw(keys, logits_BxNxV, temperature, ids_BxNxK, grids, u_B,
   return m_B, tokens_BxN, joint_prob_B, passed_BxN, jnp.stack(peaks, axis=1)
 
 
+def add_order1(keys, logits_BxNxV, temperature, draws, *, greedy, per_row):
+  """Rows where no order >= 2 passed (m = 1) get plain AR on head 1."""
+  b = draws.m_B.shape[0]
+  one_B = draws.m_B == 1
+
+  def order1(_):
+    return plain_ar(keys, logits_BxNxV[:, 0], temperature, greedy=greedy,
+                    per_row=per_row)
+
+  def skip(_):
+    return jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.float32)
+
+  ar_token_B, ar_prob_B = jax.lax.cond(jnp.any(one_B), order1, skip, None)
+  ar_BxN = jnp.zeros_like(draws.tokens_BxN).at[:, 0].set(ar_token_B)
+  tokens_BxN = jnp.where(one_B[:, None], ar_BxN, draws.tokens_BxN)
+  joint_prob_B = jnp.where(one_B, ar_prob_B, draws.joint_prob_B)
+  return draws.m_B, tokens_BxN, joint_prob_B, draws.passed_BxN, draws.peak_BxN
+
+
 def _sample_core(keys, logits_BxNxV, history_BxH, history_len_B, cooc,
                  temperature_N, eps_b, repetition_penalty, *, n, k, alpha,
-                 use_cooc, blur, otsu, greedy, per_row) -> SampleResult:
+                 use_cooc, blur, otsu, greedy, per_row,
+                 kernel="reference") -> SampleResult:
   ids_BxNxK, probs_BxNxK, seen_BxNxK = topk_marginals(
       logits_BxNxV[:, :n], temperature_N, history_BxH, history_len_B, k=k)
   u_B = tuple_uniforms(keys, logits_BxNxV.shape[0], per_row=per_row)
-  grids = order_grids(ids_BxNxK, probs_BxNxK, seen_BxNxK, cooc, eps_b,
-                      repetition_penalty, n=n, k=k, alpha=alpha,
-                      use_cooc=use_cooc, blur=blur, otsu=otsu)
-  m_B, tokens_BxN, joint_prob_B, passed_BxN, peak_BxN = backoff_and_draw(
-      keys, logits_BxNxV, temperature_N[0], ids_BxNxK, grids, u_B,
-      eps_b, k=k, greedy=greedy, per_row=per_row)
+  if kernel == "reference":
+    grids = order_grids(ids_BxNxK, probs_BxNxK, seen_BxNxK, cooc, eps_b,
+                        repetition_penalty, n=n, k=k, alpha=alpha,
+                        use_cooc=use_cooc, blur=blur, otsu=otsu)
+    m_B, tokens_BxN, joint_prob_B, passed_BxN, peak_BxN = backoff_and_draw(
+        keys, logits_BxNxV, temperature_N[0], ids_BxNxK, grids, u_B,
+        eps_b, k=k, greedy=greedy, per_row=per_row)
+  else:
+    weights = order_weights(ids_BxNxK, cooc, n=n, k=k, alpha=alpha,
+                            use_cooc=use_cooc)
+    draws = kernels.threshold_and_draw(
+        ids_BxNxK, probs_BxNxK, seen_BxNxK, weights, eps_b,
+        repetition_penalty, u_B, blur=blur, otsu=otsu, greedy=greedy,
+        kernel=kernel)
+    m_B, tokens_BxN, joint_prob_B, passed_BxN, peak_BxN = add_order1(
+        keys, logits_BxNxV, temperature_N[0], draws, greedy=greedy,
+        per_row=per_row)
   return SampleResult(m_B=m_B, tokens_BxN=tokens_BxN,
                       joint_prob_B=joint_prob_B, passed_BxN=passed_BxN,
                       peak_BxN=peak_BxN, topk_ids_BxNxK=ids_BxNxK,
                       topk_probs_BxNxK=probs_BxNxK, u_B=u_B)
 
 
-_STATIC = ("n", "k", "alpha", "use_cooc", "blur", "otsu", "greedy", "per_row")
+_STATIC = ("n", "k", "alpha", "use_cooc", "blur", "otsu", "greedy", "per_row",
+           "kernel")
 # A cooc that is a pytree of arrays is traced (its tables stay arguments, not
 # compile-time constants); an opaque object is a static argument instead.
 _core_traced = jax.jit(_sample_core, static_argnames=_STATIC)
@@ -332,7 +376,8 @@ def dynamo_sample(key, logits_BxNxV, history_BxH, history_len_B, cooc, *,
                   n: int, k: int = 50, temperature=0.7, eps_b=0.5,
                   alpha: float = 1.0, use_cooc: bool = True,
                   blur: bool = True, otsu: bool = True,
-                  repetition_penalty=1.1, greedy: bool = False) -> SampleResult:
+                  repetition_penalty=1.1, greedy: bool = False,
+                  kernel: str = "reference") -> SampleResult:
   """One DynaMo sampling step (Algorithm 1) for every row of a batch.
 
   Args:
@@ -355,6 +400,8 @@ def dynamo_sample(key, logits_BxNxV, history_BxH, history_len_B, cooc, *,
       Otsu, and Otsu's threshold.
     repetition_penalty: >= 1; 1 disables it.
     greedy: argmax instead of sampling (orders >= 2 and order 1 alike).
+    kernel: "reference" (the jnp grid steps in sampler_grid.py) or "pallas"
+      (the fused kernel in dynamo_jax/kernels; interpreted on CPU).
 
   Returns:
     SampleResult; tokens_BxN[b, :m_B[b]] are the row's new tokens.
@@ -367,6 +414,8 @@ def dynamo_sample(key, logits_BxNxV, history_BxH, history_len_B, cooc, *,
                 temperature=temperature, eps_b=eps_b, alpha=alpha,
                 use_cooc=use_cooc, repetition_penalty=repetition_penalty)
   b, heads, _ = np.shape(logits_BxNxV)
+  if kernel not in kernels.KERNELS:
+    raise InputError(f"kernel {kernel!r} unknown; available: {kernels.KERNELS}.")
   per_row = _check_key(key, b)
   # numpy when concrete: each eager jnp op here would cost a dispatch.
   xp = np if _concrete(temperature) is not None else jnp
@@ -381,4 +430,4 @@ def dynamo_sample(key, logits_BxNxV, history_BxH, history_len_B, cooc, *,
               temperature_N, as_f32(eps_b), as_f32(repetition_penalty),
               n=int(n), k=int(k), alpha=float(alpha), use_cooc=bool(use_cooc),
               blur=bool(blur), otsu=bool(otsu), greedy=bool(greedy),
-              per_row=per_row)
+              per_row=per_row, kernel=kernel)

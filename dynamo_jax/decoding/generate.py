@@ -17,7 +17,7 @@ from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import Params, check_tokens
 
 MODES = ("ar", "dynamo", "verified")
-KERNELS = ("reference",)
+KERNELS = ("reference", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,9 @@ def _check(config, mode, max_new_tokens, greedy, temperature, eps_b, k,
     raise InputError(f"mode {mode!r} unknown; available: {MODES}.")
   if kernel not in KERNELS:
     raise InputError(f"kernel {kernel!r} unknown; available: {KERNELS}.")
+  if kernel != "reference" and mode != "dynamo":
+    raise InputError(f"kernel {kernel!r} is DynaMo's sampler kernel; mode "
+                     f"{mode!r} does not use it.")
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise InputError(f"max_new_tokens must be a positive integer, got "
                      f"{max_new_tokens!r}.")
@@ -89,7 +92,8 @@ def generate(config: PythiaConfig, params: Params, input_ids, *,
     the batch it is decoded in).
   cooc: None (no co-occurrence weighting) or a co-occurrence table.
   k, alpha, use_cooc, blur, otsu, repetition_penalty: Algorithm 1's knobs.
-  kernel: "reference" (the jnp sampler).
+  kernel: DynaMo's grid post-processing: "reference" (jnp) or "pallas" (the
+    fused kernel: Mosaic on TPU, Triton on GPU, interpreted on CPU).
   """
   prompt = check_tokens(config, input_ids)
   b, p = prompt.shape
@@ -116,7 +120,8 @@ def generate(config: PythiaConfig, params: Params, input_ids, *,
   if mode == "dynamo":
     settings = SamplerSettings(k=int(k), alpha=float(alpha),
                                use_cooc=bool(use_cooc), blur=bool(blur),
-                               otsu=bool(otsu), greedy=bool(greedy))
+                               otsu=bool(otsu), greedy=bool(greedy),
+                               kernel=kernel)
     table = cooc.device_table() if hasattr(cooc, "device_table") else cooc
     tokens, accepted, passes = generate_dynamo(
         config, params, prompt, keys, table, temp, jnp.float32(eps_b),

@@ -29,15 +29,16 @@ def load(path_or_id: str | None = None, *, revision: str | None = None,
   present, its co-occurrence table cooc.npz), or an HF GPT-NeoX checkpoint
   directory or hub id (no table).
 
-  `path_or_id=None` means the embedded default model; none ships yet, so it
-  raises a CheckpointError saying so.
+  `path_or_id=None` loads the embedded default model (a small DynaMo-T3
+  trained here on Shakespeare, Milton and the KJV Bible; see its
+  MODEL_CARD.md), in float32 unless `dtype` says otherwise.
   """
   if path_or_id is None:
-    raise CheckpointError(
-        "no embedded default model ships with this version of dynamo_jax; "
-        "pass a checkpoint directory or a hub id such as "
-        "'EleutherAI/pythia-70m'.")
-  directory = resolve(path_or_id, revision)
+    from dynamo_jax.default_model import default_model_dir  # pylint: disable=import-outside-toplevel
+    directory = default_model_dir()
+    dtype = dtype or "float32"
+  else:
+    directory = resolve(path_or_id, revision)
   if native.is_native(directory):
     config, params = native.load(directory, dtype=dtype)
   else:

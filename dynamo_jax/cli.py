@@ -10,12 +10,6 @@ import time
 
 from dynamo_jax.errors import DynamoError
 
-_BYTE_VOCAB_NOTE = (
-    "note: no --model given and no embedded model ships yet, so this runs a "
-    "randomly initialised tiny DynaMo-T3 (prompt encoded as UTF-8 bytes); its "
-    "output is noise. Pass --model with an HF checkpoint directory or hub id "
-    "(e.g. EleutherAI/pythia-70m) for real text.")
-
 
 def _convert(args) -> None:
   from dynamo_jax.convert import native  # pylint: disable=import-outside-toplevel
@@ -34,14 +28,7 @@ def _convert(args) -> None:
 
 def _load_model(model: str | None, revision: str | None, dtype: str | None):
   """(config, params, tokenizer, cooc)."""
-  # pylint: disable=import-outside-toplevel
-  from dynamo_jax.api import load
-  from dynamo_jax.model import init_params, tiny_config
-  from dynamo_jax.tokenizer import ByteTokenizer
-  if model is None:
-    print(_BYTE_VOCAB_NOTE, file=sys.stderr)
-    config = tiny_config(vocab_size=264, num_token_heads=3)
-    return config, init_params(config, 0), ByteTokenizer(), None
+  from dynamo_jax.api import load  # pylint: disable=import-outside-toplevel
   loaded = load(model, revision=revision, dtype=dtype)
   return loaded.config, loaded.params, loaded.tokenizer, loaded.cooc
 
@@ -114,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("generate", help="generate text")
   p.add_argument("--model", help="checkpoint directory (HF or dynamo_jax) or "
-                 "hub id; default: the embedded model")
+                 "hub id; default: the embedded DynaMo-T3 (see "
+                 "dynamo_jax/default_model/MODEL_CARD.md)")
   p.add_argument("--revision")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
   p.add_argument("--prompt", required=True)
@@ -152,8 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                  "'[\"a.bin\"]'")
   p.set_defaults(func=_train)
 
-  from dynamo_jax.cooc import cli as cooc_cli  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from dynamo_jax.cooc import cli as cooc_cli
+  from dynamo_jax.evaluation import bench
   cooc_cli.add_parser(sub).set_defaults(func=cooc_cli.run)
+  bench.add_parser(sub).set_defaults(func=bench.run)
   return parser
 
 

@@ -42,11 +42,16 @@ def test_convert_errors_are_one_line(tmp_path):
 
 
 def test_generate_default_model_json():
-  proc = _run("generate", "--prompt", "Hello", "--max-new-tokens", "12",
-              "--json", "--seed", "3")
+  """No --model: the embedded DynaMo-T3 and its tokenizer, offline."""
+  proc = _run("generate", "--prompt", "KING HENRY: Once more", "--max-new-tokens",
+              "12", "--json", "--seed", "3")
   assert proc.returncode == 0, proc.stderr
   out = json.loads(proc.stdout)
-  assert len(out["token_ids"]) == 12
+  assert len(out["token_ids"]) == 12 and out["text"].strip()
   assert out["forward_passes"] == 12 and out["tokens_per_pass"] == 1.0
   assert out["seconds"] > 0
-  assert "randomly initialised" in proc.stderr  # says what it is running
+  proc = _run("generate", "--prompt", "And God said", "--mode", "dynamo",
+              "--eps-b", "0", "--no-cooc", "--max-new-tokens", "12", "--json")
+  assert proc.returncode == 0, proc.stderr
+  out = json.loads(proc.stdout)
+  assert out["forward_passes"] == 4 and out["tokens_per_pass"] == 3.0

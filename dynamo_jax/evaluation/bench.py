@@ -1,0 +1,280 @@
+"""`python -m dynamo_jax bench`: AR vs DynaMo decoding on one model.
+
+On prompts from a held-out token stream, with the same temperature and the
+same per-row seeds for every mode (sampling, never greedy), it reports:
+- tokens per forward pass (DynaMo, verified; AR is 1 by definition);
+- wall-clock speed-up over plain AR (`mode="ar"`: head 1 only, no head
+  layers run) at batch 1, median of `repeats` runs per prompt, compile
+  excluded; also over DynaMo's own code at eps_b = 1, which emits AR's exact
+  tokens through the DynaMo step (same program, one token per pass);
+- the base model's (head 1's) per-token NLL of DynaMo's continuations over
+  AR's, and the distinct-2 ratio (unique bigrams / all bigrams per
+  continuation, averaged over rows) of DynaMo's over AR's;
+- the split of one DynaMo pass into model and sampler time;
+- optionally the same for a sweep of eps_b (`sweep`), with a JSON and a PNG.
+Quality figures come from one batched run of prompts x seeds rows; speed
+figures from batch-1 runs on the first `timing_prompts` prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from dynamo_jax.decoding.dynamo import SamplerSettings
+from dynamo_jax.decoding.generate import generate
+from dynamo_jax.evaluation import timing
+from dynamo_jax.evaluation.perplexity import split_documents
+from dynamo_jax.evaluation.quality import continuation_nll, mean_distinct_n
+
+# Issue 6's targets on the project's CPU.
+TARGETS = {"tokens_per_pass_min": 2.0, "nll_ratio_max": 1.05,
+           "distinct_2_ratio_min": 0.9, "speedup_min": 1.3}
+
+
+def test_prompts(stream, eos_id: int, count: int, length: int) -> np.ndarray:
+  """int32 [count, length]: prompts spread evenly over a token stream, each
+  inside one document (windows at multiples of `length`, no EOS inside)."""
+  candidates = []
+  for doc in split_documents(np.asarray(stream), eos_id):
+    body = doc[:-1] if doc[-1] == eos_id else doc
+    candidates += [body[s:s + length]
+                   for s in range(0, body.size - length + 1, length)]
+  if len(candidates) < count:
+    raise ValueError(f"the stream holds only {len(candidates)} prompts of "
+                     f"{length} tokens; asked for {count}.")
+  pick = np.linspace(0, len(candidates) - 1, count).round().astype(int)
+  return np.stack([candidates[i] for i in pick]).astype(np.int32)
+
+
+class _TableWeights:
+  """A CoocTable's device arrays behind the decoder's `grid_weights` method,
+  as a pytree so the arrays are traced arguments, not constants. Used only
+  when the table does not provide `device_table()` itself."""
+
+  def __init__(self, arrays):
+    self.arrays = arrays
+
+  def grid_weights(self, topk_ids_BxMxK, alpha):
+    from dynamo_jax import cooc  # pylint: disable=import-outside-toplevel
+    return cooc.grid_weights(self.arrays, topk_ids_BxMxK, alpha)
+
+
+jax.tree_util.register_pytree_node(
+    _TableWeights, lambda t: ((t.arrays,), None),
+    lambda _, children: _TableWeights(*children))
+
+
+def device_weights(table, num_heads: int):
+  """What the decoder takes for a CoocTable (None stays None)."""
+  if table is None:
+    return None
+  if hasattr(table, "device_table"):
+    return table.device_table()
+  from dynamo_jax import cooc  # pylint: disable=import-outside-toplevel
+  return _TableWeights(cooc.to_device(table, max_order=num_heads))
+
+
+def _load(model_dir_or_loaded):
+  if isinstance(model_dir_or_loaded, (str, os.PathLike)):
+    from dynamo_jax.api import load  # pylint: disable=import-outside-toplevel
+    return load(os.fspath(model_dir_or_loaded))
+  return model_dir_or_loaded
+
+
+def _quality(model, weights, prompts, seeds, new_tokens, temperature, **kw):
+  rows = np.concatenate([prompts] * len(seeds))
+  row_seeds = [s * len(prompts) + i for s in seeds for i in range(len(prompts))]
+  out = generate(model.config, model.params, rows, max_new_tokens=new_tokens,
+                 temperature=temperature, seed=row_seeds,
+                 cooc=weights if kw.get("mode") == "dynamo" else None, **kw)
+  nll = continuation_nll(model.config, model.params, rows, out.tokens)
+  return {"tokens_per_pass": out.tokens_per_pass, "nll": float(nll.mean()),
+          "distinct_2": mean_distinct_n(out.tokens, 2)}
+
+
+def _seconds(model, weights, prompts, new_tokens, temperature, repeats, **kw):
+  """Sum over prompts of the median batch-1 wall time, and tokens/pass."""
+  total, tpp = 0.0, []
+  for i, prompt in enumerate(prompts):
+    def call(prompt=prompt, i=i):
+      return generate(model.config, model.params, prompt[None],
+                      max_new_tokens=new_tokens, temperature=temperature,
+                      seed=[i], cooc=weights if kw.get("mode") == "dynamo"
+                      else None, **kw)
+    total += timing.median_seconds(call, repeats)
+    tpp.append(call().tokens_per_pass)
+  return total, float(np.mean(tpp))
+
+
+def _mode_report(model, weights, prompts, args, ar, ar_seconds, **kw):
+  q = _quality(model, weights, prompts, args["seeds"], args["new_tokens"],
+               args["temperature"], **kw)
+  sec, _ = _seconds(model, weights, prompts[:args["timing_prompts"]],
+                    args["new_tokens"], args["temperature"], args["repeats"],
+                    **kw)
+  return {**q, "nll_ratio": q["nll"] / ar["nll"],
+          "distinct_2_ratio": q["distinct_2"] / ar["distinct_2"],
+          "seconds": sec, "speedup_vs_ar": ar_seconds / sec}
+
+
+def _meets(r) -> dict[str, bool]:
+  return {"tokens_per_pass": r["tokens_per_pass"] >= TARGETS["tokens_per_pass_min"],
+          "nll_ratio": r["nll_ratio"] <= TARGETS["nll_ratio_max"],
+          "distinct_2_ratio": r["distinct_2_ratio"] >= TARGETS["distinct_2_ratio_min"],
+          "speedup": r["speedup_vs_ar"] >= TARGETS["speedup_min"]}
+
+
+def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
+              temperature: float = 0.7, new_tokens: int = 64,
+              seeds: Sequence[int] = (0, 1, 2), timing_prompts: int = 4,
+              repeats: int = 5, k: int = 50, use_cooc: bool = True,
+              sweep: Sequence[float] = (), sweep_out: str | None = None) -> dict:
+  """AR vs DynaMo (and verified) on `prompts` (int [B, P]); see the module
+  docstring for what is measured. `model_dir_or_loaded` is a checkpoint
+  directory or a `dynamo_jax.Model`. Returns one JSON-able dict."""
+  model = _load(model_dir_or_loaded)
+  prompts = np.asarray(prompts, np.int32)
+  n = model.config.num_token_heads
+  weights = device_weights(model.cooc, n) if use_cooc else None
+  args = dict(seeds=list(seeds), new_tokens=new_tokens, temperature=temperature,
+              timing_prompts=timing_prompts, repeats=repeats)
+  dyn = dict(mode="dynamo", k=k)
+  ar = _quality(model, None, prompts, seeds, new_tokens, temperature, mode="ar")
+  ar_seconds, _ = _seconds(model, None, prompts[:timing_prompts], new_tokens,
+                           temperature, repeats, mode="ar")
+  eps1_seconds, _ = _seconds(model, weights, prompts[:timing_prompts],
+                             new_tokens, temperature, repeats, eps_b=1.0, **dyn)
+  report = {
+      "device": jax.devices()[0].device_kind,
+      "model": {"num_token_heads": n, "hidden_size": model.config.hidden_size,
+                "num_layers": model.config.num_layers,
+                "vocab_size": model.config.vocab_size,
+                "cooc": weights is not None},
+      "setup": {**args, "prompts": int(prompts.shape[0]),
+                "prompt_len": int(prompts.shape[1]), "eps_b": eps_b, "k": k,
+                "sampling": True},
+      "ar": {**ar, "seconds": ar_seconds,
+             "tokens_per_second": timing_prompts * new_tokens / ar_seconds},
+      "dynamo_eps1_seconds": eps1_seconds,
+  }
+  report["dynamo"] = _mode_report(model, weights, prompts, args, ar,
+                                  ar_seconds, eps_b=eps_b, **dyn)
+  report["dynamo"]["speedup_vs_dynamo_eps1"] = (
+      eps1_seconds / report["dynamo"]["seconds"])
+  report["dynamo"]["meets_targets"] = _meets(report["dynamo"])
+  report["verified"] = _mode_report(model, None, prompts, args, ar, ar_seconds,
+                                    mode="verified")
+  settings = SamplerSettings(k=k, use_cooc=weights is not None)
+  report["step_split"] = timing.step_split(
+      model.config, model.params, prompts[:1], weights, eps_b=eps_b,
+      temperature=temperature, settings=settings)
+  report["step_split"]["ar_pass_ms"] = timing.ar_pass_ms(
+      model.config, model.params, prompts[:1])
+  report["targets"] = TARGETS
+  if sweep:
+    rows = [{"eps_b": float(e), **_mode_report(
+        model, weights, prompts, args, ar, ar_seconds, eps_b=float(e), **dyn)}
+            for e in sweep]
+    for r in rows:
+      r["meets_targets"] = _meets(r)
+    report["sweep"] = rows
+    report["closest"] = closest(rows)
+    if sweep_out:
+      save_sweep(report, sweep_out)
+  return report
+
+
+def closest(rows: list[dict]) -> dict:
+  """The sweep setting nearest the targets: among the settings meeting both
+  quality targets, the one with the most tokens per pass (else the one
+  with the smallest NLL ratio)."""
+  ok = [r for r in rows if r["meets_targets"]["nll_ratio"]
+        and r["meets_targets"]["distinct_2_ratio"]]
+  best = (max(ok, key=lambda r: r["tokens_per_pass"]) if ok
+          else min(rows, key=lambda r: r["nll_ratio"]))
+  return {"eps_b": best["eps_b"], "meets_quality": bool(ok),
+          "all_targets": all(best["meets_targets"].values())}
+
+
+def save_sweep(report: dict, out_dir: str) -> None:
+  """eps_b_sweep.json and eps_b_sweep.png in out_dir."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  os.makedirs(out_dir, exist_ok=True)
+  rows = report["sweep"]
+  with open(os.path.join(out_dir, "eps_b_sweep.json"), "w") as fh:
+    json.dump({"setup": report["setup"], "targets": TARGETS, "sweep": rows,
+               "closest": report["closest"]}, fh, indent=1)
+  eps = [r["eps_b"] for r in rows]
+  fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+  panels = [("tokens_per_pass", TARGETS["tokens_per_pass_min"], "tokens / pass"),
+            ("speedup_vs_ar", TARGETS["speedup_min"], "wall-clock speed-up vs AR"),
+            ("nll_ratio", TARGETS["nll_ratio_max"], "NLL ratio (DynaMo / AR)"),
+            ("distinct_2_ratio", TARGETS["distinct_2_ratio_min"],
+             "distinct-2 ratio (DynaMo / AR)")]
+  for ax, (key, target, title) in zip(axes, panels):
+    ax.plot(eps, [r[key] for r in rows], "o-")
+    ax.axhline(target, color="r", ls="--", lw=1, label="target")
+    ax.set_xlabel("eps_b")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+  axes[0].legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "eps_b_sweep.png"), dpi=110)
+  plt.close(fig)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+  p = subparsers.add_parser(
+      "bench", help="AR vs DynaMo: tokens/pass, wall-clock, NLL and "
+      "distinct-2 ratios (prints one JSON object)")
+  p.add_argument("--model", default=None,
+                 help="dynamo_jax checkpoint directory (default: the "
+                 "embedded default model)")
+  p.add_argument("--prompt-tokens", default=None,
+                 help=".npy EOS-separated token stream to take prompts from "
+                 "(default: the model directory's test_sample.npy)")
+  p.add_argument("--num-prompts", type=int, default=8)
+  p.add_argument("--prompt-len", type=int, default=32)
+  p.add_argument("--new-tokens", type=int, default=64)
+  p.add_argument("--seeds", type=int, default=3, help="seeds per prompt")
+  p.add_argument("--eps-b", type=float, default=0.5)
+  p.add_argument("--temperature", type=float, default=0.7)
+  p.add_argument("--timing-prompts", type=int, default=4)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--no-cooc", action="store_true")
+  p.add_argument("--sweep", default="",
+                 help="comma-separated eps_b values to sweep, e.g. 0,0.1,0.3")
+  p.add_argument("--sweep-out", default=None,
+                 help="directory for eps_b_sweep.json / .png")
+  return p
+
+
+def run(args) -> dict:
+  from dynamo_jax.api import load  # pylint: disable=import-outside-toplevel
+  from dynamo_jax.default_model import (  # pylint: disable=import-outside-toplevel
+      TEST_SAMPLE_FILE, default_model_dir)
+  directory = args.model or default_model_dir()
+  model = load(directory)
+  stream_path = args.prompt_tokens or os.path.join(directory, TEST_SAMPLE_FILE)
+  prompts = test_prompts(np.load(stream_path), model.config.eos_token_id,
+                         args.num_prompts, args.prompt_len)
+  sweep = [float(x) for x in args.sweep.split(",") if x.strip()]
+  report = run_bench(model, prompts, eps_b=args.eps_b,
+                     temperature=args.temperature, new_tokens=args.new_tokens,
+                     seeds=range(args.seeds),
+                     timing_prompts=args.timing_prompts,
+                     repeats=args.repeats, use_cooc=not args.no_cooc,
+                     sweep=sweep, sweep_out=args.sweep_out)
+  report["model"]["directory"] = directory
+  json.dump(report, sys.stdout)
+  print()
+  return report

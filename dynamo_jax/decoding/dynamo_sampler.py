@@ -211,12 +211,8 @@ def backoff_and_draw(keys, logits_BxNxV, temperature, ids_BxNxK, grids, u_B,
     passed.append(peak_B > eps_b ** (m - 1))
     peaks.append(peak_B)
     flat_B, prob_B = sampler_grid.draw_index(grid_BxE, u_B, k=k, greedy=greedy)
-    # C-order flat index -> position along each of the m axes -> token id.
-    pos_BxM = jnp.stack([(flat_B // k ** (m - 1 - i)) % k for i in range(m)],
-                        axis=1)
-    tuple_BxM = jnp.take_along_axis(ids_BxNxK[:, :m], pos_BxM[..., None],
-                                    axis=2)[..., 0]
-    tuples.append(jnp.pad(tuple_BxM, ((0, 0), (0, n - m))))
+    tuples.append(sampler_grid.flat_to_tuple(flat_B, ids_BxNxK, m=m, k=k,
+                                             n=n))
     probs.append(prob_B)
   passed_BxN = jnp.stack(passed, axis=1)
   m_B = jnp.max(jnp.where(passed_BxN, jnp.arange(1, n + 1), 1), axis=1)

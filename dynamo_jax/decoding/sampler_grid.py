@@ -178,3 +178,15 @@ def draw_index(grid_BxE: jax.Array, u_B: jax.Array, *, k: int,
   chosen_B = jnp.take_along_axis(grid_BxE, idx_B[:, None], axis=1)[:, 0]
   safe_total_B = jnp.where(total_B > 0, total_B, 1.0)
   return idx_B, jnp.where(total_B > 0, chosen_B / safe_total_B, 0.0)
+
+
+def flat_to_tuple(flat_B: jax.Array, ids_BxNxK: jax.Array, *, m: int, k: int,
+                  n: int) -> jax.Array:
+  """int32 [B, n]: the token tuple at a C-order flat index of an order-m
+  grid (position along each of the m axes -> that head's top-k id), padded
+  with zeros to n."""
+  pos_BxM = jnp.stack([(flat_B // k ** (m - 1 - i)) % k for i in range(m)],
+                      axis=1)
+  tuple_BxM = jnp.take_along_axis(ids_BxNxK[:, :m], pos_BxM[..., None],
+                                  axis=2)[..., 0]
+  return jnp.pad(tuple_BxM, ((0, 0), (0, n - m)))

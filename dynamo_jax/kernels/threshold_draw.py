@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from dynamo_jax.errors import InputError
+from dynamo_jax.decoding import sampler_grid
 from dynamo_jax.kernels import dynamo_grid
 
 KERNELS = ("reference", "pallas")
@@ -175,12 +176,8 @@ def threshold_and_draw(ids_BxNxK: jax.Array, probs_BxNxK: jax.Array,
     flat_B, prob_B, peak_B = order(probs_BxNxK[:, :m], w, div_BxNxK[:, :m])
     passed.append(peak_B > eps_b ** (m - 1))
     peaks.append(peak_B)
-    # C-order flat index -> position along each of the m axes -> token id.
-    pos_BxM = jnp.stack([(flat_B // k ** (m - 1 - i)) % k for i in range(m)],
-                        axis=1)
-    tuple_BxM = jnp.take_along_axis(ids_BxNxK[:, :m], pos_BxM[..., None],
-                                    axis=2)[..., 0]
-    tuples.append(jnp.pad(tuple_BxM, ((0, 0), (0, n - m))))
+    tuples.append(sampler_grid.flat_to_tuple(flat_B, ids_BxNxK, m=m, k=k,
+                                             n=n))
     probs.append(prob_B)
   passed_BxN = jnp.stack(passed, axis=1)
   m_B = jnp.max(jnp.where(passed_BxN, jnp.arange(1, n + 1), 1),

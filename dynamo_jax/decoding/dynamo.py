@@ -38,13 +38,6 @@ class SamplerSettings(NamedTuple):
   kernel: str = "reference"  # or "pallas" (dynamo_jax/kernels)
 
 
-def last_valid(logits_NxBxTxV, lengths_B):
-  """Every head's logits at each row's last valid position: [B, N, V]."""
-  idx_B = jnp.maximum(lengths_B - 1, 0)
-  return jax.vmap(lambda l_NxTxV, i: l_NxTxV[:, i], in_axes=(1, 0))(
-      logits_NxBxTxV, idx_B)
-
-
 def decode_step(config: PythiaConfig, params: Params, cache: KVCache,
                 tokens_BxT, lengths_B, keys_Bx2, history_BxH, history_len_B,
                 cooc=None, *, temperature=0.7, eps_b=0.5,
@@ -69,10 +62,12 @@ def decode_step(config: PythiaConfig, params: Params, cache: KVCache,
     (SampleResult: m_B int32 [B] in 1..n, tokens_BxN int32 [B, n] with the
     first m valid, ...; the new cache, advanced by lengths_B).
   """
-  logits_NxBxTxV, cache = forward_cached(config, params, cache, tokens_BxT,
-                                         lengths_B, all_heads=True)
+  # Only each row's last valid position is unembedded (for every head).
+  logits_NxBx1xV, cache = forward_cached(config, params, cache, tokens_BxT,
+                                         lengths_B, all_heads=True,
+                                         last_only=True)
   result = dynamo_sample(
-      keys_Bx2, last_valid(logits_NxBxTxV, lengths_B), history_BxH,
+      keys_Bx2, jnp.swapaxes(logits_NxBx1xV[:, :, 0], 0, 1), history_BxH,
       history_len_B, cooc, n=config.num_token_heads, k=settings.k,
       temperature=temperature, eps_b=eps_b, alpha=settings.alpha,
       use_cooc=settings.use_cooc, blur=settings.blur, otsu=settings.otsu,

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from dynamo_jax.decoding.ar import pass_keys
-from dynamo_jax.decoding.dynamo import SamplerSettings, decode_step, last_valid
+from dynamo_jax.decoding.dynamo import SamplerSettings, decode_step
 from dynamo_jax.decoding.dynamo_sampler import dynamo_sample
 from dynamo_jax.decoding.sampling import row_keys
 from dynamo_jax.model.config import PythiaConfig
@@ -58,8 +58,10 @@ def step_split(config: PythiaConfig, params: Params, prompt_1xP, cooc, *,
                        use_cooc=settings.use_cooc, blur=settings.blur,
                        otsu=settings.otsu, greedy=settings.greedy)
 
-  model = jax.jit(lambda params, cache: last_valid(forward_cached(
-      config, params, cache, tokens, lengths, all_heads=True)[0], lengths))
+  # The model part of decode_step: every head at each row's last position.
+  model = jax.jit(lambda params, cache: jnp.swapaxes(forward_cached(
+      config, params, cache, tokens, lengths, all_heads=True,
+      last_only=True)[0][:, :, 0], 0, 1))
   sampler = jax.jit(lambda logits, cooc: dynamo_sample(
       keys, logits, history, history_len, cooc, temperature=temperature,
       eps_b=eps_b, **sample_kwargs))

@@ -97,13 +97,20 @@ class Pythia(nn.Module):
     return hiddens, updates
 
   def __call__(self, tokens_BxT, positions_BxT=None, cache=None, end_B=None,
-               all_heads: bool = False):
-    """Logits float32 [B,T,V] (head 1), or [N,B,T,V] with all_heads."""
+               all_heads: bool = False, select_B=None):
+    """Logits float32 [B,T,V] (head 1), or [N,B,T,V] with all_heads.
+
+    select_B: int [B], unembed only position select_B[b] of each row (T = 1
+    in the output): a decode step needs one position, not the whole chunk.
+    """
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]),
                                        tokens_BxT.shape)
     hiddens, updates = self.hidden_states(tokens_BxT, positions_BxT, cache,
                                           end_B, all_heads)
+    if select_B is not None:
+      rows_B = jnp.arange(tokens_BxT.shape[0])
+      hiddens = [h[rows_B, select_B][:, None] for h in hiddens]
     if not all_heads:
       return self.unembed(hiddens[0]), updates
     return jnp.stack([self.unembed(h) for h in hiddens]), updates
@@ -201,7 +208,8 @@ def init_cache(config: PythiaConfig, batch: int, max_len: int, *,
 
 
 def forward_cached(config: PythiaConfig, params: Params, cache: KVCache,
-                   tokens_BxT, lengths_B=None, *, all_heads: bool = False):
+                   tokens_BxT, lengths_B=None, *, all_heads: bool = False,
+                   last_only: bool = False):
   """One cached forward pass over a chunk of T tokens per row.
 
   Row b's tokens take positions end[b] .. end[b]+T-1; only its first
@@ -211,15 +219,18 @@ def forward_cached(config: PythiaConfig, params: Params, cache: KVCache,
 
   Returns (logits float32 [B, T, V], or [N, B, T, V] with all_heads, and the
   new cache). The cache needs head entries (`init_cache(all_heads=True)`)
-  when all_heads. Pure; jit it with `donate_argnums=2` to update in place.
+  when all_heads. With last_only, logits are computed only at each row's
+  last valid position (T = 1 in the output). Pure; jit it with
+  `donate_argnums=2` to update in place.
   """
   end_B = cache["end"]
   t = tokens_BxT.shape[1]
   positions_BxT = end_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  logits, updates = Pythia(config).apply(
-      {"params": params}, tokens_BxT, positions_BxT, cache, end_B,
-      all_heads=all_heads)
   if lengths_B is None:
     lengths_B = jnp.full_like(end_B, t)
+  select_B = jnp.maximum(lengths_B - 1, 0) if last_only else None
+  logits, updates = Pythia(config).apply(
+      {"params": params}, tokens_BxT, positions_BxT, cache, end_B,
+      all_heads=all_heads, select_B=select_B)
   return logits, {**cache, **updates,
                   "end": end_B + lengths_B.astype(jnp.int32)}

@@ -182,6 +182,18 @@ def test_cached_heads_equal_uncached(t3, rng):
     pos += size
   assert pos == 30
   assert np.abs(np.concatenate(got, axis=2) - full).max() <= LOGIT_TOL
+  # last_only: each row's last valid position of a chunk, rows of different
+  # lengths (what decode_step unembeds).
+  cache = init_cache(config, 2, 40, all_heads=True)
+  _, cache = forward_cached(config, params, cache, jnp.asarray(seq[:, :10]),
+                            all_heads=True)
+  lengths = jnp.asarray([3, 1], jnp.int32)
+  last, _ = forward_cached(config, params, cache, jnp.asarray(seq[:, 10:13]),
+                           lengths, all_heads=True, last_only=True)
+  assert last.shape == (3, 2, 1, 211)
+  for r, length in enumerate([3, 1]):
+    ref = full[:, r, 10 + length - 1]
+    assert np.abs(np.asarray(last[:, r, 0]) - ref).max() <= LOGIT_TOL
 
 
 def test_decode_step_exports_for_tpu_and_cuda(t3):

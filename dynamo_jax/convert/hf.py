@@ -187,7 +187,7 @@ def to_hf(config: PythiaConfig, params: Params, out_dir: str, *,
              for s in specs)
   with atomic_dir(out_dir) as tmp:
     _write_hf(config, specs, tensors,
-              lambda s: np.asarray(_get(params, s.path)).dtype, tmp, progress)
+              lambda s: np.dtype(_get(params, s.path).dtype), tmp, progress)
     copy_tokenizer(tokenizer_dir, tmp)
   return out_dir
 

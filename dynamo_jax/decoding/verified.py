@@ -114,9 +114,11 @@ def generate_verified(config: PythiaConfig, params: Params, prompt_BxP,
     end_B = cache["end"]
     logits_NxBxNxV, cache = forward_cached(config, params, cache, chunk_BxN,
                                            all_heads=True)
-    p_BxNxV = jax.nn.softmax(logits_NxBxNxV[0] / temperature, axis=-1)
-    j_B, x_next_B = _verify(p_BxNxV if not greedy else logits_NxBxNxV[0],
-                            d_BxD, q_BxDxV, keys_B, greedy)
+    # Greedy verification compares argmaxes, so logits serve as well as p.
+    head1_BxNxV = logits_NxBxNxV[0]
+    if not greedy:
+      head1_BxNxV = jax.nn.softmax(head1_BxNxV / temperature, axis=-1)
+    j_B, x_next_B = _verify(head1_BxNxV, d_BxD, q_BxDxV, keys_B, greedy)
     # The cache keeps x and the accepted drafts; entries written for the
     # rejected ones lie past the new end and are overwritten before any
     # query can see them.

@@ -26,10 +26,20 @@ per co-occurrence setting:
   * plain_ar_ms: `sampling.sample_tokens` (jax.random.categorical per row),
     the plain AR decoder's sampler, for scale.
 
-The co-occurrence case uses a STAND-IN for the real table lookup (another
-engineer builds it): `FixedCooc.grid_weights` returns a fixed random
-[B, K, ..., K] grid with ~half its entries exactly 0, whatever the ids, so
-only the weighting is timed, not the lookup.
+The "cooc_standin" case uses a STAND-IN for the table lookup:
+`FixedCooc.grid_weights` returns a fixed random [B, K, ..., K] grid with ~half
+its entries exactly 0, whatever the ids, so only the weighting is timed, not
+the lookup.
+
+The "embedded_model" case (unless --skip-embedded) is the real thing at
+batch 1: the embedded default model's heads on 64 consecutive positions of
+its test sample (V = 4096) give the logits, the 64 tokens before them the
+history, and the sampler reads the model's real co-occurrence table (the
+cuckoo trie of dynamo_jax/cooc/lookup.py). Each timing cycles through the 64
+positions, so the top-k sets and table blocks change from call to call as in
+a decode. Reported with and without the table, at eps_b 0, 0.5, 1, plus the
+table lookups alone (M = 2 and 3). A Pile-sized table (400 MB on device)
+is slower to read: experiments/bench_cooc.py times that lookup.
 
 Prints one JSON object. Run from the repo root:
 
@@ -193,6 +203,64 @@ def _bench(batch, cooc, repeats):
   return out
 
 
+def _embedded_inputs():
+  """(logits [64, N, V], history [1, 64], history_len [1], DeviceTable) from
+  the embedded default model on its test sample."""
+  # pylint: disable=import-outside-toplevel
+  import dynamo_jax
+  from dynamo_jax.default_model import default_model_dir
+  from dynamo_jax.model import pythia
+  model = dynamo_jax.load()
+  sample = np.load(os.path.join(default_model_dir(), "test_sample.npy"))
+  ids = jnp.asarray(sample[None, :128], jnp.int32)
+  logits = pythia.forward(model.config, model.params, ids, all_heads=True)
+  logits_PxNxV = jnp.transpose(logits[:N, 0, 64:], (1, 0, 2))
+  history = jnp.asarray(sample[None, :64], jnp.int32)
+  return (logits_PxNxV, history, jnp.array([HISTORY], jnp.int32),
+          model.cooc.device_table(N))
+
+
+def _bench_embedded(repeats):
+  logits_PxNxV, history, history_len, table = _embedded_inputs()
+  positions = logits_PxNxV.shape[0]
+  keys = jax.random.split(jax.random.PRNGKey(0), 1)
+  temps = jnp.full((N,), TEMPERATURE, jnp.float32)
+  rp = jnp.float32(RP)
+
+  def cycled_ms(fn):
+    """Median and p10 over `repeats` calls, each on the next position."""
+    jax.block_until_ready(fn(0))
+    times = []
+    for i in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(i % positions))
+      times.append(1e3 * (time.perf_counter() - start))
+    return (round(statistics.median(times), 4),
+            round(float(np.percentile(times, 10)), 4))
+
+  out = {"vocab": int(logits_PxNxV.shape[-1]), "positions": positions}
+  for name, cooc in (("no_cooc", None), ("cooc_table", table)):
+    res = {"total_ms": {}, "total_p10_ms": {}, "m_mean": {}}
+    for eps_b in (0.0, 0.5, 1.0):
+      run = lambda i, c=cooc, e=jnp.float32(eps_b): ds._core_traced(  # pylint: disable=protected-access
+          keys, logits_PxNxV[i:i + 1], history, history_len, c, temps, e, rp,
+          n=N, k=K, alpha=1.0, use_cooc=c is not None, blur=True, otsu=True,
+          greedy=False, per_row=True)
+      res["total_ms"][str(eps_b)], res["total_p10_ms"][str(eps_b)] = (
+          cycled_ms(run))
+      res["m_mean"][str(eps_b)] = float(np.mean(
+          [int(run(i).m_B[0]) for i in range(positions)]))
+    out[name] = res
+  topk = jax.jit(lambda l: ds.topk_marginals(l, temps, history, history_len,
+                                             k=K)[0])
+  ids = [topk(logits_PxNxV[i:i + 1]) for i in range(positions)]
+  out["lookup_ms"] = {}
+  for m in range(2, N + 1):
+    lookup = jax.jit(lambda x, t, m=m: t.grid_weights(x[:, :m], 1.0))
+    out["lookup_ms"][f"m{m}"] = cycled_ms(lambda i: lookup(ids[i], table))[0]
+  return out
+
+
 def _machine():
   model = platform.processor() or "unknown"
   try:
@@ -212,6 +280,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
   parser.add_argument("--repeats", type=int, default=200)
+  parser.add_argument("--skip-embedded", action="store_true",
+                      help="skip the embedded model + real table case")
   args = parser.parse_args()
   load_before = os.getloadavg()[0]
   results = {}
@@ -220,6 +290,8 @@ def main():
         "no_cooc": _bench(batch, None, args.repeats),
         "cooc_standin": _bench(batch, FixedCooc.random(batch), args.repeats),
     }
+  if not args.skip_embedded:
+    results["embedded_model_batch1"] = _bench_embedded(args.repeats)
   print(json.dumps({
       "benchmark": "dynamo_sampler step",
       "setting": {"vocab": VOCAB, "k": K, "n": N, "history": HISTORY,

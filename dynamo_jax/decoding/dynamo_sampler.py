@@ -352,9 +352,9 @@ def _check_inputs(logits_BxNxV, history_BxH, history_len_B, cooc, *, n, k,
   if np.ndim(history_BxH) != 2 or np.shape(history_BxH)[0] != b:
     raise InputError(f"history must be [B={b}, H], got shape "
                      f"{np.shape(history_BxH)}.")
-  if not np.issubdtype(np.result_type(history_BxH), np.integer):
+  if not jnp.issubdtype(jnp.result_type(history_BxH), jnp.integer):
     raise InputError(f"history must hold integer token ids, got dtype "
-                     f"{np.result_type(history_BxH)}.")
+                     f"{jnp.result_type(history_BxH)}.")
   if np.shape(history_len_B) != (b,):
     raise InputError(f"history_len must be [B={b}], got shape "
                      f"{np.shape(history_len_B)}.")

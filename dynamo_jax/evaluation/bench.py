@@ -135,10 +135,14 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
               temperature: float = 0.7, new_tokens: int = 64,
               seeds: Sequence[int] = (0, 1, 2), timing_prompts: int = 4,
               repeats: int = 5, k: int = 50, use_cooc: bool = True,
-              sweep: Sequence[float] = (), sweep_out: str | None = None) -> dict:
+              sweep: Sequence[float] = (), sweep_out: str | None = None,
+              sweep_without_table: bool = False) -> dict:
   """AR vs DynaMo (and verified) on `prompts` (int [B, P]); see the module
   docstring for what is measured. `model_dir_or_loaded` is a checkpoint
-  directory or a `dynamo_jax.Model`. Returns one JSON-able dict."""
+  directory or a `dynamo_jax.Model`. With `sweep_without_table` (and a
+  table in use) the eps_b sweep runs twice, with and without the
+  co-occurrence weighting (the paper's CO ablation), each row saying which
+  in "cooc". Returns one JSON-able dict."""
   model = _load(model_dir_or_loaded)
   prompts = np.asarray(prompts, np.int32)
   n = model.config.num_token_heads
@@ -179,9 +183,11 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
       model.config, model.params, prompts[:1])
   report["targets"] = TARGETS
   if sweep:
-    rows = [{"eps_b": float(e), **_mode_report(
-        model, weights, prompts, args, ar, ar_seconds, eps_b=float(e), **dyn)}
-            for e in sweep]
+    tables = [weights] + ([None] if sweep_without_table and weights is not None
+                          else [])
+    rows = [{"eps_b": float(e), "cooc": w is not None, **_mode_report(
+        model, w, prompts, args, ar, ar_seconds, eps_b=float(e), **dyn)}
+            for w in tables for e in sweep]
     for r in rows:
       r["meets_targets"] = _meets(r)
     report["sweep"] = rows
@@ -199,7 +205,8 @@ def closest(rows: list[dict]) -> dict:
         and r["meets_targets"]["distinct_2_ratio"]]
   best = (max(ok, key=lambda r: r["tokens_per_pass"]) if ok
           else min(rows, key=lambda r: r["nll_ratio"]))
-  return {"eps_b": best["eps_b"], "meets_quality": bool(ok),
+  return {"eps_b": best["eps_b"], "cooc": best.get("cooc"),
+          "meets_quality": bool(ok),
           "all_targets": all(best["meets_targets"].values())}
 
 
@@ -213,7 +220,6 @@ def save_sweep(report: dict, out_dir: str) -> None:
   with open(os.path.join(out_dir, "eps_b_sweep.json"), "w") as fh:
     json.dump({"setup": report["setup"], "targets": TARGETS, "sweep": rows,
                "closest": report["closest"]}, fh, indent=1)
-  eps = [r["eps_b"] for r in rows]
   fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
   panels = [("tokens_per_pass", TARGETS["tokens_per_pass_min"], "tokens / pass"),
             ("speedup_vs_ar", TARGETS["speedup_min"], "wall-clock speed-up vs AR"),
@@ -221,7 +227,10 @@ def save_sweep(report: dict, out_dir: str) -> None:
             ("distinct_2_ratio", TARGETS["distinct_2_ratio_min"],
              "distinct-2 ratio (DynaMo / AR)")]
   for ax, (key, target, title) in zip(axes, panels):
-    ax.plot(eps, [r[key] for r in rows], "o-")
+    for cooc in sorted({r.get("cooc") for r in rows}, key=str):
+      part = [r for r in rows if r.get("cooc") == cooc]
+      ax.plot([r["eps_b"] for r in part], [r[key] for r in part], "o-",
+              label={True: "with table", False: "no table"}.get(cooc, "DynaMo"))
     ax.axhline(target, color="r", ls="--", lw=1, label="target")
     ax.set_xlabel("eps_b")
     ax.set_title(title, fontsize=10)
@@ -255,6 +264,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="comma-separated eps_b values to sweep, e.g. 0,0.1,0.3")
   p.add_argument("--sweep-out", default=None,
                  help="directory for eps_b_sweep.json / .png")
+  p.add_argument("--sweep-without-table", action="store_true",
+                 help="sweep each eps_b also without the co-occurrence table")
   return p
 
 
@@ -273,7 +284,8 @@ def run(args) -> dict:
                      seeds=range(args.seeds),
                      timing_prompts=args.timing_prompts,
                      repeats=args.repeats, use_cooc=not args.no_cooc,
-                     sweep=sweep, sweep_out=args.sweep_out)
+                     sweep=sweep, sweep_out=args.sweep_out,
+                     sweep_without_table=args.sweep_without_table)
   report["model"]["directory"] = directory
   json.dump(report, sys.stdout)
   print()

@@ -77,7 +77,7 @@ def _bench(work: str, out: str, count: int, length: int, repeats: int,
                                model.config.eos_token_id, count, length)
   report = bench.run_bench(model, prompts, eps_b=0.5, repeats=repeats,
                            timing_prompts=timing_prompts, sweep=sweep,
-                           sweep_out=out)
+                           sweep_out=out, sweep_without_table=True)
   with open(os.path.join(work, "bench.json"), "w") as fh:
     json.dump(report, fh, indent=1)
   print(json.dumps(report))

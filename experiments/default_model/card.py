@@ -311,23 +311,28 @@ def _bench_lines(bench) -> list[str]:
       f"(DynaMo at eps_b 1) against {1e3 * ar['seconds'] / (setup['timing_prompts'] * setup['new_tokens']):.2f} ms "
       "(AR). The model part alone costs "
       f"{s['model_ms'] / s['ar_pass_ms']:.1f}x an AR pass: it feeds the "
-      "emitted tokens through the stem, head 1 and two more head layers and "
-      "unembeds every fed position for every head, and a model this small "
-      "on a CPU is compute-bound, not weight-bandwidth-bound, so feeding 3 "
-      "tokens is not free as it is for the paper's GPU-sized models. Even "
-      "at 3 tokens per pass with a free sampler DynaMo could reach at most "
+      "emitted tokens (padded to 3) through the stem, head 1 and two more "
+      "head layers and unembeds each row's last position for all 3 heads, "
+      "and a model this small on a CPU is bound by compute and per-operation "
+      "overhead, not by reading its weights, so feeding 3 tokens is not free "
+      "as it is for the paper's GPU-sized models. Even at 3 tokens per pass "
+      "with a free sampler DynaMo could reach at most "
       f"{3 * s['ar_pass_ms'] / s['model_ms']:.2f}x AR's speed here.",
       "",
   ]
   if "sweep" in bench:
     c = bench["closest"]
+    where = {True: "with the table ", False: "without the table "}.get(
+        c.get("cooc"), "")
     lines += [
         "eps_b sweep (`eps_b_sweep.json`):",
         "",
-        "| eps_b | tokens / pass | speed-up vs AR | NLL ratio | distinct-2 ratio |",
-        "|---|---|---|---|---|",
+        "| table | eps_b | tokens / pass | speed-up vs AR | NLL ratio | distinct-2 ratio |",
+        "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['eps_b']} | {r['tokens_per_pass']:.2f} | "
+    table = {True: "yes", False: "no"}
+    lines += [f"| {table.get(r.get('cooc'), '-')} | {r['eps_b']} | "
+              f"{r['tokens_per_pass']:.2f} | "
               f"{r['speedup_vs_ar']:.2f}x | {r['nll_ratio']:.3f} | "
               f"{r['distinct_2_ratio']:.3f} |" for r in bench["sweep"]]
     lines += [
@@ -336,6 +341,7 @@ def _bench_lines(bench) -> list[str]:
         "",
         f"Closest to the targets (>= 2.0 tokens/pass at NLL ratio <= 1.05 and "
         f"distinct-2 >= 0.9 x AR's, >= 1.3x wall-clock): eps_b = {c['eps_b']} "
+        f"{where}"
         f"({'meets every target' if c['all_targets'] else 'misses at least one target'}).",
         "",
     ]

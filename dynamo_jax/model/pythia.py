@@ -113,7 +113,19 @@ class Pythia(nn.Module):
       hiddens = [h[rows_B, select_B][:, None] for h in hiddens]
     if not all_heads:
       return self.unembed(hiddens[0]), updates
-    return jnp.stack([self.unembed(h) for h in hiddens]), updates
+    # Heads 2..N share one projection: separate ones would each read the
+    # whole [D, V] embed_out, at decode time most of a head's bytes. Head 1
+    # keeps its own, the same matmul as the base model's: a matmul with more
+    # rows may round differently, and head 1 must equal the base bit for bit
+    # (eps_b = 1 and verified greedy reproduce plain AR exactly).
+    b, t, _ = hiddens[0].shape
+    head1_BxTxV = self.unembed(hiddens[0])
+    if len(hiddens) == 1:
+      return head1_BxTxV[None], updates
+    rest_MBxTxV = self.unembed(jnp.concatenate(hiddens[1:], axis=0))
+    return jnp.concatenate([head1_BxTxV[None],
+                            rest_MBxTxV.reshape(-1, b, t, head1_BxTxV.shape[-1])]
+                           ), updates
 
 
 def _boxed_init(config: PythiaConfig, rng):

@@ -1,0 +1,585 @@
+"""One decode pass against the HBM-bandwidth bound: plain AR vs DynaMo-T3.
+
+For Pythia-shaped models with RANDOM weights (bf16 on accelerators), batch
+1 and 8, with `--context` tokens already in the KV cache, this measures the
+wall time of one forward pass of
+
+  * AR: a cached forward pass over 1 token per row (head 1 only, the base
+    Pythia, no `heads_*` parameters) plus drawing one token per row, in one
+    jitted program: the body of `generate_ar`'s scan (decoding/ar.py);
+  * T3: one `decode_step` (decoding/dynamo.py) of a DynaMo-T3 model: a chunk
+    of T = 3 tokens through the stem, head 1 and the two extra head layers,
+    `last_only` unembedding of all heads, then the DynaMo sampler. Timed with
+    eps_b = 0 and no co-occurrence table (every pass emits 3 tokens, 3 fed)
+    and with eps_b = 1 (always backs off to AR: 1 valid token fed of the 3,
+    and the sampler also runs its order-1 Gumbel draw);
+  * T3 split: the model part alone (`forward_cached(all_heads=True,
+    last_only=True)` on the T = 3 chunk) and the sampler alone
+    (`dynamo_sampler._core_traced`, what `dynamo_sample` runs after its
+    host-side argument checks, which would otherwise sync on device values).
+
+and compares the AR pass with its HBM-bandwidth bound
+
+  bound_seconds = (weight bytes read + KV-cache bytes read) / bandwidth,
+
+reporting fraction_of_bound = bound_seconds / measured_seconds (target >=
+0.8) and T3 step / AR step (target <= 1.10), the issue's GPU criteria.
+
+Decisions:
+  * Weights are made on the device in the target dtype: `init_params` on a
+    config whose param_dtype is that dtype is one jitted program whose
+    outputs are the parameters, so pythia-6.9b in bf16 (~14 GB) never
+    exists in float32 or on the host. The AR model is the same arrays minus
+    the `heads_*` entries (a dict filter, no copy).
+  * Weight bytes count what a pass reads: every leaf's nbytes, except that
+    the input embedding is a gather of B x T rows, not a read of the whole
+    [V, D] table (~7% of pythia-1.4b). Counting the whole table would
+    inflate the bound; `*_all_leaves` figures give that variant too.
+  * KV bytes: `Attention` (model/layers.py) attends over the WHOLE cache
+    buffer (max_len slots) with a position mask; it does not slice to the
+    filled part. So KV bytes read = B x max_len x cache layers x 2 (k, v) x
+    hidden x itemsize, with cache layers = L for AR and L + 2 for T3. To
+    make max_len equal to what a length-aware attention would read, each
+    cache is allocated with max_len = context + T (T = 1 for AR, 3 for T3)
+    and every timed call starts with `end` = context (a fresh `end` array
+    is put into the threaded cache before each call, made outside the
+    timer): the context never grows and positions stay in range. The
+    cache content is zeros; timing does not depend on values.
+  * Caches are donated (as `ar_step` and a user's jitted `decode_step` do),
+    so the returned cache is threaded into the next call.
+  * Each program is compiled ahead of time (`jit(...).lower(...).compile()`,
+    compile excluded from every timing) and called once untimed. Then two
+    timings: `median`/`p10` over --repeats calls, each dispatched and
+    blocked on alone (includes the host dispatch latency of one call, as a
+    Python decode loop pays it), and `pipelined`: --repeats calls
+    dispatched back to back, blocked once at the end, total / repeats (host
+    dispatch overlaps device work, as in `generate`'s scan / while_loop,
+    which have no dispatch at all). Fractions and ratios are given for both;
+    `targets_met` uses the median, as the issue states it.
+  * Bandwidth comes from a table keyed on `jax.devices()[0].device_kind`
+    (vendor peak figures) or `--bandwidth-gbs`; for an unknown device (any
+    CPU) the bound is null with the reason, never a guess.
+  * XLA's own estimate of the bytes a compiled program touches
+    (`cost_analysis()["bytes accessed"]`, where the backend provides it) is
+    recorded as a cross-check of the hand count.
+
+Run on a lent GPU (defaults: pythia-1.4b and pythia-6.9b, bf16, batch 1 and
+8, context 512, 20 repeats):
+
+  .venv/bin/python experiments/bench_step.py
+
+On CPU (defaults there: pythia-70m and pythia-160m, float32):
+
+  .venv/bin/python experiments/bench_step.py --presets pythia-70m --batches 1 --repeats 5
+
+`--dry-run` only lowers every program for the given shapes (parameters and
+caches as ShapeDtypeStructs, nothing allocated) and reports the byte counts
+and bounds: a CPU check that e.g. pythia-6.9b shapes trace.
+
+Prints one JSON object on stdout; one progress line per measurement on
+stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Runs as a plain script from anywhere; the package lives at the repo root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=wrong-import-position
+import flax
+from dynamo_jax.decoding.ar import pass_keys
+from dynamo_jax.decoding.dynamo import SamplerSettings, decode_step
+from dynamo_jax.decoding.dynamo_sampler import _core_traced
+from dynamo_jax.decoding.sampling import row_keys, sample_tokens
+from dynamo_jax.model.config import PRESETS, PythiaConfig, preset, tiny_config
+from dynamo_jax.model.pythia import (forward_cached, init_cache, init_params,
+                                     param_shapes)
+# pylint: enable=wrong-import-position
+
+N_HEADS = 3  # DynaMo-T3
+TARGET_FRACTION = 0.8
+TARGET_T3_RATIO = 1.10
+TEMPERATURE = 0.7
+REPETITION_PENALTY = 1.1
+HISTORY_LEN = 256  # tokens in the repetition-penalty history of a T3 pass
+SETTINGS = SamplerSettings()  # k = 50, reference grid code, as `generate`
+TINY = "tiny"  # hidden preset name: dynamo_jax.model.config.tiny_config()
+
+# Peak memory bandwidth in GB/s (1e9 bytes/s) from vendor data sheets, by
+# substrings that must all occur in the lower-cased device_kind; first match
+# wins, so specific entries come first. Device kinds seen in practice:
+# "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA H200",
+# "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", "TPU v4", "TPU v5 lite"
+# (v5e), "TPU v5" (v5p on a TPU VM; "TPU v5p" under Pathways), "TPU v6 lite".
+BANDWIDTH_GBS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("h100", "pcie"), 2000.0),
+    (("h100", "80gb hbm3"), 3350.0),
+    (("h100", "sxm"), 3350.0),
+    (("h200",), 4800.0),
+    (("a100", "80gb", "pcie"), 1935.0),
+    (("a100", "80gb"), 2039.0),
+    (("a100", "40gb"), 1555.0),
+    (("tpu v5 lite",), 819.0),
+    (("tpu v5e",), 819.0),
+    (("tpu v5p",), 2765.0),
+    (("tpu v6 lite",), 1640.0),
+    (("tpu v6e",), 1640.0),
+    (("tpu v4",), 1200.0),
+)
+# Exact (lower-cased) device kinds that a substring would confuse.
+BANDWIDTH_EXACT_GBS = {"tpu v5": 2765.0}  # v5p on a TPU VM
+
+
+def device_bandwidth(kind: str, override_gbs: float | None):
+  """(GB/s or None, where it came from or why it is missing)."""
+  if override_gbs is not None:
+    return float(override_gbs), "--bandwidth-gbs"
+  low = kind.lower().strip()
+  if low in BANDWIDTH_EXACT_GBS:
+    return BANDWIDTH_EXACT_GBS[low], f"table (device_kind == {low!r})"
+  for needles, gbs in BANDWIDTH_GBS:
+    if all(s in low for s in needles):
+      return gbs, f"table (device_kind contains {' + '.join(needles)})"
+  return None, (f"device_kind {kind!r} is not in the bandwidth table; pass "
+                "--bandwidth-gbs to get a bound")
+
+
+# ---- the programs timed -------------------------------------------------------
+
+def _ar_pass(config, params, cache, tokens_Bx1, row_keys_Bx2, pass_index):
+  """One plain AR pass, as in generate_ar's scan body: feed 1 token per row,
+  draw the next one from head 1 at temperature 0.7."""
+  logits_Bx1xV, cache = forward_cached(config, params, cache, tokens_Bx1)
+  next_B = sample_tokens(pass_keys(row_keys_Bx2, pass_index),
+                         logits_Bx1xV[:, 0], greedy=False,
+                         temperature=jnp.float32(TEMPERATURE))
+  return next_B, cache
+
+
+def _t3_pass(config, params, cache, tokens_BxT, lengths_B, keys_Bx2,
+             history_BxH, history_len_B, eps_b):
+  """decode_step with no co-occurrence table; eps_b traced (one program
+  serves eps_b = 0 and 1)."""
+  return decode_step(config, params, cache, tokens_BxT, lengths_B, keys_Bx2,
+                     history_BxH, history_len_B, None,
+                     temperature=jnp.float32(TEMPERATURE), eps_b=eps_b,
+                     repetition_penalty=jnp.float32(REPETITION_PENALTY),
+                     settings=SETTINGS)
+
+
+def _t3_model(config, params, cache, tokens_BxT, lengths_B):
+  """The model part of decode_step: all heads' logits at the last valid
+  position."""
+  return forward_cached(config, params, cache, tokens_BxT, lengths_B,
+                        all_heads=True, last_only=True)
+
+
+def _t3_sampler(keys_Bx2, logits_BxNxV, history_BxH, history_len_B, eps_b):
+  """The sampler part: what dynamo_sample calls after its host-side checks
+  (per-row keys, temperature per head, no table)."""
+  temperature_N = jnp.full((N_HEADS,), TEMPERATURE, jnp.float32)
+  return _core_traced(
+      keys_Bx2, logits_BxNxV, history_BxH, history_len_B, None,
+      temperature_N, eps_b, jnp.float32(REPETITION_PENALTY), n=N_HEADS,
+      k=SETTINGS.k, alpha=SETTINGS.alpha, use_cooc=SETTINGS.use_cooc,
+      blur=SETTINGS.blur, otsu=SETTINGS.otsu, greedy=SETTINGS.greedy,
+      per_row=True, kernel=SETTINGS.kernel)
+
+
+AR_PASS = jax.jit(_ar_pass, static_argnums=0, donate_argnums=2)
+T3_PASS = jax.jit(_t3_pass, static_argnums=0, donate_argnums=2)
+T3_MODEL = jax.jit(_t3_model, static_argnums=0, donate_argnums=2)
+T3_SAMPLER = jax.jit(_t3_sampler)
+
+
+# ---- byte counts --------------------------------------------------------------
+
+def _nbytes(tree) -> int:
+  return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(tree)))
+
+
+def ar_params(params):
+  """Head 1 alone: the same arrays without the extra token heads."""
+  return {k: v for k, v in params.items() if not k.startswith("heads_")}
+
+
+def weight_bytes(params, batch: int, chunk: int) -> dict[str, int]:
+  """Bytes of weights one pass reads: all leaves, except that only the
+  B x T gathered rows of the input embedding are read."""
+  every = _nbytes(params)
+  table = params["embed_in"]["embedding"]
+  rows = batch * chunk * table.shape[1] * np.dtype(table.dtype).itemsize
+  return {"read": every - _nbytes(table) + int(rows), "all_leaves": every}
+
+
+def kv_bytes(config: PythiaConfig, batch: int, slots: int, layers: int,
+             itemsize: int) -> int:
+  """K and V bytes attention reads: `slots` positions of `layers` caches."""
+  return int(batch * slots * layers * 2 * config.hidden_size * itemsize)
+
+
+def _cost_bytes(compiled) -> float | None:
+  """XLA's estimate of bytes a compiled program touches, if available."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "bytes accessed" not in cost:
+    return None
+  return float(cost["bytes accessed"])
+
+
+# ---- timing -------------------------------------------------------------------
+
+def _log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def _stats_ms(seconds: list[float], pipelined_s: float) -> dict:
+  ms = np.asarray(seconds) * 1e3
+  return {"median": round(float(np.median(ms)), 4),
+          "p10": round(float(np.percentile(ms, 10)), 4),
+          "pipelined": round(pipelined_s * 1e3, 4),
+          "calls": len(seconds)}
+
+
+def measure(call, cache, make_end, repeats: int):
+  """Times call(cache) -> (out, cache); the cache is threaded, with a fresh
+  `end` (made before the timer starts) put in before every call. `cache`
+  None: a call without cache. Returns (stats, last out, last cache)."""
+  def with_end(cache, end):
+    return cache if cache is None else {**cache, "end": end}
+
+  out, cache = call(with_end(cache, make_end()))  # warm-up (runtime, allocs)
+  jax.block_until_ready(out)
+  gc.collect()
+  gc.disable()
+  try:
+    times = []
+    for _ in range(repeats):
+      end = make_end()
+      jax.block_until_ready(end)
+      start = time.perf_counter()
+      out, cache = call(with_end(cache, end))
+      jax.block_until_ready(out)
+      times.append(time.perf_counter() - start)
+    ends = [make_end() for _ in range(repeats)]
+    jax.block_until_ready(ends)
+    start = time.perf_counter()
+    for end in ends:
+      out, cache = call(with_end(cache, end))
+    jax.block_until_ready(out)
+    pipelined = (time.perf_counter() - start) / repeats
+  finally:
+    gc.enable()
+  return _stats_ms(times, pipelined), out, cache
+
+
+# ---- one model ------------------------------------------------------------------
+
+def model_config(name: str, dtype: str) -> PythiaConfig:
+  """The DynaMo-T3 config of a preset (or the hidden tiny one) in `dtype`."""
+  base = tiny_config() if name == TINY else preset(name)
+  return base.replace(num_token_heads=N_HEADS, dtype=dtype, param_dtype=dtype)
+
+
+def _bound(bytes_read: int, gbs: float | None):
+  return None if gbs is None else bytes_read / (gbs * 1e9)
+
+
+def _ms(seconds):
+  return None if seconds is None else round(seconds * 1e3, 4)
+
+
+def _ratio(a, b, digits=4):
+  return None if a is None or b is None else round(a / b, digits)
+
+
+def bench_batch(config_t3, params_t3, batch: int, context: int, repeats: int,
+                gbs: float | None, dry_run: bool, seed: int) -> dict:
+  """All figures of one (model, batch)."""
+  config_ar = config_t3.replace(num_token_heads=1)
+  params_ar = ar_params(params_t3)
+  itemsize = np.dtype(config_t3.dtype).itemsize
+  layers = config_t3.num_layers
+  slots_ar, slots_t3 = context + 1, context + N_HEADS
+  w_ar = weight_bytes(params_ar, batch, 1)
+  w_t3 = weight_bytes(params_t3, batch, N_HEADS)
+  kv_ar = kv_bytes(config_t3, batch, slots_ar, layers, itemsize)
+  kv_t3 = kv_bytes(config_t3, batch, slots_t3, layers + N_HEADS - 1, itemsize)
+  bound_ar = _bound(w_ar["read"] + kv_ar, gbs)
+  bound_t3 = _bound(w_t3["read"] + kv_t3, gbs)
+  out = {
+      "weight_bytes": {"ar": w_ar["read"], "t3": w_t3["read"],
+                       "ar_all_leaves": w_ar["all_leaves"],
+                       "t3_all_leaves": w_t3["all_leaves"]},
+      "kv_bytes": {"ar": kv_ar, "t3": kv_t3,
+                   "ar_slots_read": slots_ar, "t3_slots_read": slots_t3,
+                   "ar_cache_layers": layers,
+                   "t3_cache_layers": layers + N_HEADS - 1},
+      "bound_ms": None if gbs is None else {
+          "ar": _ms(bound_ar), "t3": _ms(bound_t3),
+          "ar_all_leaves": _ms(_bound(w_ar["all_leaves"] + kv_ar, gbs)),
+          "t3_all_leaves": _ms(_bound(w_t3["all_leaves"] + kv_t3, gbs))},
+  }
+
+  # Inputs: device arrays (or their shapes for a dry run).
+  rng = np.random.default_rng(seed)
+  keys = row_keys(seed, batch)
+  tokens_ar = jnp.asarray(rng.integers(0, config_t3.vocab_size, (batch, 1)),
+                          jnp.int32)
+  tokens_t3 = jnp.asarray(
+      rng.integers(0, config_t3.vocab_size, (batch, N_HEADS)), jnp.int32)
+  history = jnp.asarray(
+      rng.integers(0, config_t3.vocab_size, (batch, HISTORY_LEN)), jnp.int32)
+  history_len = jnp.full((batch,), HISTORY_LEN, jnp.int32)
+  fed = {0.0: jnp.full((batch,), N_HEADS, jnp.int32),  # eps_b 0: 3 emitted
+         1.0: jnp.ones((batch,), jnp.int32)}          # eps_b 1: 1 emitted
+  pass_index = jnp.int32(1)
+  sampler_keys = pass_keys(keys, 1)
+
+  def make_cache(config, slots, all_heads):
+    def build():
+      cache = init_cache(config, batch, slots, all_heads=all_heads)
+      return {**cache, "end": jnp.full((batch,), context, jnp.int32)}
+    return jax.eval_shape(build) if dry_run else jax.jit(build)()
+
+  cache_ar = make_cache(config_ar, slots_ar, False)
+  cache_t3 = make_cache(config_t3, slots_t3, True)
+  logits_shape = jax.ShapeDtypeStruct((batch, N_HEADS, config_t3.vocab_size),
+                                      jnp.float32)
+
+  # Ahead-of-time compilation: compile time stays out of every timing.
+  start = time.perf_counter()
+  lowered = {
+      "ar": AR_PASS.lower(config_ar, params_ar, cache_ar, tokens_ar, keys,
+                          pass_index),
+      "t3": T3_PASS.lower(config_t3, params_t3, cache_t3, tokens_t3, fed[0.0],
+                          sampler_keys, history, history_len,
+                          jnp.float32(0.0)),
+      "t3_model": T3_MODEL.lower(config_t3, params_t3, cache_t3, tokens_t3,
+                                 fed[0.0]),
+      "t3_sampler": T3_SAMPLER.lower(sampler_keys, logits_shape, history,
+                                     history_len, jnp.float32(0.0)),
+  }
+  if dry_run:
+    out["lowered_s"] = round(time.perf_counter() - start, 2)
+    out["lowered"] = sorted(lowered)
+    return out
+  compiled = {name: low.compile() for name, low in lowered.items()}
+  out["compile_s"] = round(time.perf_counter() - start, 2)
+  out["xla_bytes_accessed"] = {name: _cost_bytes(c)
+                               for name, c in compiled.items()}
+
+  def end_at_context():
+    return jnp.full((batch,), context, jnp.int32)
+
+  def report(label, stats):
+    _log(f"  B={batch} {label}: median {stats['median']:.3f} ms, p10 "
+         f"{stats['p10']:.3f} ms, pipelined {stats['pipelined']:.3f} ms")
+
+  ar_stats, _, cache_ar = measure(
+      lambda c: compiled["ar"](params_ar, c, tokens_ar, keys, pass_index),
+      cache_ar, end_at_context, repeats)
+  report("ar_step", ar_stats)
+  del cache_ar
+
+  t3_stats, m_mean = {}, {}
+  for eps_b in (0.0, 1.0):
+    eps = jnp.float32(eps_b)
+    stats, res, cache_t3 = measure(
+        lambda c, eps=eps, eps_b=eps_b: compiled["t3"](
+            params_t3, c, tokens_t3, fed[eps_b], sampler_keys, history,
+            history_len, eps),
+        cache_t3, end_at_context, repeats)
+    key = f"eps_b_{eps_b:g}"
+    t3_stats[key] = stats
+    m_mean[key] = float(np.mean(np.asarray(res.m_B)))
+    report(f"t3_step {key} (mean m {m_mean[key]:.2f})", stats)
+
+  model_stats, logits_NxBx1xV, cache_t3 = measure(
+      lambda c: compiled["t3_model"](params_t3, c, tokens_t3, fed[0.0]),
+      cache_t3, end_at_context, repeats)
+  report("t3_model", model_stats)
+  del cache_t3
+  logits_BxNxV = jnp.swapaxes(logits_NxBx1xV[:, :, 0], 0, 1)
+  sampler_stats = {}
+  for eps_b in (0.0, 1.0):
+    eps = jnp.float32(eps_b)
+    stats, _, _ = measure(
+        lambda c, eps=eps: (compiled["t3_sampler"](
+            sampler_keys, logits_BxNxV, history, history_len, eps), None),
+        None, end_at_context, repeats)
+    sampler_stats[f"eps_b_{eps_b:g}"] = stats
+    report(f"t3_sampler eps_b_{eps_b:g}", stats)
+
+  def fraction(stat):
+    if bound_ar is None:
+      return None
+    return round(bound_ar / (ar_stats[stat] * 1e-3), 4)
+
+  out.update({
+      "ar_step_ms": ar_stats,
+      "fraction_of_bound": None if bound_ar is None else {
+          "median": fraction("median"), "p10": fraction("p10"),
+          "pipelined": fraction("pipelined")},
+      "t3_fraction_of_bound": None if bound_t3 is None else {
+          "median": round(bound_t3 / (t3_stats["eps_b_0"]["median"] * 1e-3),
+                          4)},
+      "t3_step_ms": t3_stats,
+      "t3_mean_tokens_per_pass": m_mean,
+      "t3_model_ms": model_stats,
+      "t3_sampler_ms": sampler_stats,
+      "t3_model_plus_sampler_ms": round(model_stats["median"]
+                                        + sampler_stats["eps_b_0"]["median"],
+                                        4),
+      "ratio_t3_over_ar": {
+          f"{key}_{stat}": _ratio(t3_stats[key][stat], ar_stats[stat])
+          for key in t3_stats for stat in ("median", "pipelined")},
+  })
+  ratios = out["ratio_t3_over_ar"]
+  out["targets_met"] = {
+      "ar_fraction_of_bound": (None if bound_ar is None else
+                               out["fraction_of_bound"]["median"]
+                               >= TARGET_FRACTION),
+      "t3_over_ar_eps_b_0": ratios["eps_b_0_median"] <= TARGET_T3_RATIO,
+      "t3_over_ar_eps_b_1": ratios["eps_b_1_median"] <= TARGET_T3_RATIO,
+  }
+  return out
+
+
+def make_params(config: PythiaConfig, dry_run: bool, seed: int):
+  """Random parameters on the device in config.param_dtype (ShapeDtypeStructs
+  for a dry run)."""
+  if dry_run:
+    return param_shapes(config)
+  params = init_params(config, seed)
+  jax.block_until_ready(params)
+  return params
+
+
+def bench_preset(name: str, args, gbs: float | None) -> dict:
+  config = model_config(name, args.dtype)
+  _log(f"{name}: T3 {config.num_params() / 1e6:.1f}M params, {args.dtype}"
+       f"{' (dry run)' if args.dry_run else ''}")
+  start = time.perf_counter()
+  params = make_params(config, args.dry_run, args.seed)
+  init_s = time.perf_counter() - start
+  leaves_t3 = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  leaves_ar = sum(int(np.prod(x.shape))
+                  for x in jax.tree.leaves(ar_params(params)))
+  result = {
+      "config": {k: v for k, v in config.to_dict().items()
+                 if k in ("vocab_size", "hidden_size", "num_layers",
+                          "num_heads", "intermediate_size",
+                          "max_position_embeddings", "num_token_heads",
+                          "dtype", "param_dtype")},
+      "params": {"ar": leaves_ar, "t3": leaves_t3,
+                 "t3_num_params_formula": config.num_params()},
+      "init_s": round(init_s, 2),
+      "batches": {},
+  }
+  if args.context + N_HEADS > config.max_position_embeddings:
+    result["warning"] = (f"context {args.context} + {N_HEADS} exceeds "
+                         f"max_position_embeddings "
+                         f"{config.max_position_embeddings} (timing is "
+                         "unaffected; rotary positions extrapolate)")
+  for batch in args.batches:
+    result["batches"][str(batch)] = bench_batch(
+        config, params, batch, args.context, args.repeats, gbs, args.dry_run,
+        args.seed)
+  del params
+  gc.collect()
+  return result
+
+
+def main(argv=None) -> dict:
+  accel = jax.default_backend() in ("gpu", "tpu")
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--presets", nargs="+",
+                      default=(["pythia-1.4b", "pythia-6.9b"] if accel
+                               else ["pythia-70m", "pythia-160m"]),
+                      choices=sorted(PRESETS) + [TINY],
+                      help="Pythia shapes (T3 = preset + 2 head layers)")
+  parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+  parser.add_argument("--context", type=int, default=512,
+                      help="prompt tokens already in the KV cache")
+  parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                      default="bfloat16" if accel else "float32")
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--bandwidth-gbs", type=float, default=None,
+                      help="device memory bandwidth in GB/s (overrides the "
+                      "table)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--dry-run", action="store_true",
+                      help="lower the programs for these shapes, allocate "
+                      "nothing, report byte counts and bounds only")
+  args = parser.parse_args(argv)
+  if args.repeats < 1 or args.context < 1 or min(args.batches) < 1:
+    parser.error("--repeats, --context and --batches must be positive")
+
+  device = jax.devices()[0]
+  gbs, source = device_bandwidth(device.device_kind, args.bandwidth_gbs)
+  _log(f"device {device.device_kind} ({jax.default_backend()}), bandwidth "
+       f"{gbs} GB/s [{source}]")
+  results = {name: bench_preset(name, args, gbs) for name in args.presets}
+  report = {
+      "benchmark": "decode_step_vs_hbm_bound",
+      "device": {"kind": device.device_kind,
+                 "backend": jax.default_backend(),
+                 "count": jax.device_count()},
+      "versions": {"jax": jax.__version__,
+                   "jaxlib": importlib.metadata.version("jaxlib"),
+                   "flax": flax.__version__},
+      "settings": {
+          "presets": args.presets, "batches": args.batches,
+          "context": args.context, "dtype": args.dtype,
+          "repeats": args.repeats, "seed": args.seed, "dry_run": args.dry_run,
+          "num_token_heads": N_HEADS, "temperature": TEMPERATURE,
+          "repetition_penalty": REPETITION_PENALTY,
+          "history_len": HISTORY_LEN, "sampler": SETTINGS._asdict(),
+          "cooc": None,
+          "weights": "random (init_params on device in dtype)",
+      },
+      "bandwidth": {"gbs": gbs, "source": source if gbs is not None else None,
+                    "reason": None if gbs is not None else source},
+      "accounting": {
+          "bound": "(weight bytes read + KV bytes read) / bandwidth",
+          "weights": "all leaves, input embedding counted as the B x T "
+                     "gathered rows (see *_all_leaves for the whole table); "
+                     "AR excludes heads_*",
+          "kv": "attention reads the whole cache buffer (max_len slots) "
+                "under a position mask, not just the filled part; caches "
+                "are allocated with max_len = context + T (T = 1 AR, 3 T3) "
+                "and end reset to context before every call, so "
+                "slots_read = context + T",
+          "timing": "median/p10: each call dispatched and blocked on alone "
+                    "(host dispatch included); pipelined: repeats calls "
+                    "back to back, one block, total / repeats",
+          "targets_met": "from medians",
+      },
+      "targets": {"ar_fraction_of_bound_min": TARGET_FRACTION,
+                  "t3_over_ar_max": TARGET_T3_RATIO},
+      "results": results,
+  }
+  print(json.dumps(report, indent=2))
+  return report
+
+
+if __name__ == "__main__":
+  main()

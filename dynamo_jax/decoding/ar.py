@@ -37,10 +37,12 @@ def generate_ar(config: PythiaConfig, params: Params, prompt_BxP: jax.Array,
   """
   b, p = prompt_BxP.shape
   cache = init_cache(config, b, p + max_new_tokens)
-  logits_BxPxV, cache = forward_cached(config, params, cache, prompt_BxP)
+  # Prefill unembeds only the last prompt position, as DynaMo's does.
+  logits_Bx1xV, cache = forward_cached(config, params, cache, prompt_BxP,
+                                       last_only=True)
   sample = functools.partial(sample_tokens, greedy=greedy,
                              temperature=temperature)
-  first_B = sample(pass_keys(row_keys_Bx2, 0), logits_BxPxV[:, -1])
+  first_B = sample(pass_keys(row_keys_Bx2, 0), logits_Bx1xV[:, 0])
 
   def step(carry, i):
     cache, tok_B = carry

@@ -92,9 +92,9 @@ def generate_verified(config: PythiaConfig, params: Params, prompt_BxP,
   b, p = prompt_BxP.shape
   n = config.num_token_heads
   cache = init_cache(config, b, p + max_new_tokens + n, all_heads=True)
-  logits_NxBxPxV, cache = forward_cached(config, params, cache, prompt_BxP,
-                                         all_heads=True)
-  x_B, d_BxD, q_BxDxV = _propose(jnp.swapaxes(logits_NxBxPxV[:, :, -1], 0, 1),
+  logits_NxBx1xV, cache = forward_cached(config, params, cache, prompt_BxP,
+                                         all_heads=True, last_only=True)
+  x_B, d_BxD, q_BxDxV = _propose(jnp.swapaxes(logits_NxBx1xV[:, :, 0], 0, 1),
                                  pass_keys(row_keys_Bx2, 0), temperature, greedy)
   out_BxL = jnp.zeros((b, max_new_tokens + n), jnp.int32).at[:, 0].set(x_B)
   count_B = jnp.ones((b,), jnp.int32)

@@ -14,11 +14,11 @@ from dynamo_jax.evaluation import evaluate
 from dynamo_jax.model.pythia import forward
 
 # PPL_1 of the shipped weights on the shipped test sample (windows of 256,
-# non-overlapping) measured 96.57 at build time (MODEL_CARD.md); the bound
+# non-overlapping) measured 95.37 at build time (MODEL_CARD.md); the bound
 # leaves 2% for float differences across CPUs and XLA versions, while a
 # broken model (wrong weight layout, tokenizer or heads) lands in the
 # hundreds or thousands. Rebuilding the artifact means re-measuring this.
-PPL1_BOUND = 98.5
+PPL1_BOUND = 97.3
 BUDGET_BYTES = 30_000_000
 
 

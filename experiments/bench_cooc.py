@@ -10,7 +10,9 @@ and without the main thread's generation time, peak RSS of the process
 Lookup (unless --skip-lookup): the counted table goes to device
 (`to_device`) and `grid_weights` is timed for B=1, K=50, M=2 and 3 (125,000
 lookups for M=3) on 64 different top-k sets cycled through, so the caches
-see new prefixes like a real decode. For comparison: a lexicographic binary
+see new prefixes like a real decode; then the whole DynaMo-T3 sampler step
+reading this table (`whole_sampler`), on logits whose top-k sets are drawn
+the same way. For comparison: a lexicographic binary
 search over the sorted keys split into two uint32 arrays (jnp, in this file
 only), and the numpy reference. Target: the whole sampler <= 1 ms per step.
 
@@ -228,7 +230,42 @@ def bench_lookup(args, table: cooc.CoocTable) -> dict:
     entry["binary_search_jit"] = _time(lambda q: search(hi, lo, cnt, q),
                                        device_sets, max(5, args.repeats // 20))
     result[f"m{m}"] = entry
+  result["whole_sampler"] = bench_sampler_with_table(args, arrays, stream, rng)
   return result
+
+
+def bench_sampler_with_table(args, arrays, stream, rng) -> dict:
+  """The whole DynaMo-T3 sampler step (batch 1, k, n = 3, eps_b 0 / 0.5 /
+  1, blur, Otsu, repetition penalty 1.1, temperature 0.7) reading this
+  table. Logits over the 50304-token vocabulary are small noise except for
+  each head's k Zipf-drawn ids, which get the top values, so the top-k sets
+  (and the table blocks read) are those of the lookup timing above."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from dynamo_jax.cooc.lookup import DeviceTable  # pylint: disable=import-outside-toplevel
+  from dynamo_jax.decoding import dynamo_sampler  # pylint: disable=import-outside-toplevel
+  n, table = 3, DeviceTable(arrays)
+  logits = []
+  for _ in range(args.query_sets):
+    l_NxV = rng.normal(0.0, 0.1, (n, VOCAB)).astype(np.float32)
+    for i in range(n):
+      ids = rng.choice(VOCAB, args.k, replace=False, p=stream.probs)
+      l_NxV[i, ids] = 4.0 + np.sort(rng.normal(0.0, 1.5, args.k))[::-1]
+    logits.append(jnp.asarray(l_NxV[None]))
+  history = jnp.asarray(rng.choice(VOCAB, (1, 64), p=stream.probs), jnp.int32)
+  history_len = jnp.array([64], jnp.int32)
+  keys = jax.random.split(jax.random.PRNGKey(args.seed), 1)
+  temps = jnp.full((n,), 0.7, jnp.float32)
+  out = {"vocab": VOCAB, "n": n}
+  for name, cooc_arg in (("no_table", None), ("table", table)):
+    for eps_b in (0.0, 0.5, 1.0):
+      run = lambda l, c=cooc_arg, e=jnp.float32(eps_b): (
+          dynamo_sampler._core_traced(  # pylint: disable=protected-access
+              keys, l, history, history_len, c, temps, e, jnp.float32(1.1),
+              n=n, k=args.k, alpha=1.0, use_cooc=c is not None, blur=True,
+              otsu=True, greedy=False, per_row=True))
+      out[f"{name}_eps_b_{eps_b}"] = _time(run, logits, args.repeats)
+  return out
 
 
 def main() -> None:

@@ -88,7 +88,12 @@ def _load(model_dir_or_loaded):
   return model_dir_or_loaded
 
 
-def _quality(model, weights, prompts, seeds, new_tokens, temperature, **kw):
+def quality(model, weights, prompts, seeds, new_tokens, temperature, **kw):
+  """Tokens per pass, head 1's mean NLL of the continuations and their
+  distinct-2, from one batched `generate` of prompts x seeds rows (row
+  seed s * len(prompts) + i); `kw` goes to `generate` (mode, eps_b, k,
+  alpha, use_cooc, blur, otsu, ...); `weights` is the table, used in
+  mode "dynamo" only."""
   rows = np.concatenate([prompts] * len(seeds))
   row_seeds = [s * len(prompts) + i for s in seeds for i in range(len(prompts))]
   out = generate(model.config, model.params, rows, max_new_tokens=new_tokens,
@@ -114,7 +119,7 @@ def _seconds(model, weights, prompts, new_tokens, temperature, repeats, **kw):
 
 
 def _mode_report(model, weights, prompts, args, ar, ar_seconds, **kw):
-  q = _quality(model, weights, prompts, args["seeds"], args["new_tokens"],
+  q = quality(model, weights, prompts, args["seeds"], args["new_tokens"],
                args["temperature"], **kw)
   sec, _ = _seconds(model, weights, prompts[:args["timing_prompts"]],
                     args["new_tokens"], args["temperature"], args["repeats"],
@@ -150,7 +155,7 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
   args = dict(seeds=list(seeds), new_tokens=new_tokens, temperature=temperature,
               timing_prompts=timing_prompts, repeats=repeats)
   dyn = dict(mode="dynamo", k=k)
-  ar = _quality(model, None, prompts, seeds, new_tokens, temperature, mode="ar")
+  ar = quality(model, None, prompts, seeds, new_tokens, temperature, mode="ar")
   ar_seconds, _ = _seconds(model, None, prompts[:timing_prompts], new_tokens,
                            temperature, repeats, mode="ar")
   eps1_seconds, _ = _seconds(model, weights, prompts[:timing_prompts],

@@ -15,7 +15,7 @@ Shapes (letters as in tensor names):
 `to_device(table)` turns a CoocTable into a pytree of jnp arrays (a trie of
 cuckoo hash tables, see hashtrie.py, holding each n-gram's ratio
 p(x_1..x_m) / prod_i p(x_i), computed in float64) to pass into jitted code;
-`grid_weights` reads it with two gathers per grid entry and level.
+`grid_weights` reads it with two probes (cuckoo slots) per grid entry and level.
 `DeviceTable` wraps those arrays with a `grid_weights(ids, alpha)` method.
 `grid_weights_numpy` is the reference: binary search over the table's sorted
 uint64 keys, in float64.

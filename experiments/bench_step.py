@@ -14,7 +14,10 @@ wall time of one forward pass of
     and with eps_b = 1 (always backs off to AR: 1 valid token fed of the 3,
     and the sampler also runs its order-1 Gumbel draw);
   * T3 split: the model part alone (`forward_cached(all_heads=True,
-    last_only=True)` on the T = 3 chunk) and the sampler alone
+    last_only=True)` on the T = 3 chunk), the same with ONE unembedding
+    matmul for all heads (`t3_model_one_unembed`: what reading embed_out
+    once instead of twice would save; the library keeps head 1's own matmul
+    so that head 1 equals the base model bit for bit), and the sampler alone
     (`dynamo_sampler._core_traced`, what `dynamo_sample` runs after its
     host-side argument checks, which would otherwise sync on device values).
 
@@ -104,8 +107,8 @@ from dynamo_jax.decoding.dynamo import SamplerSettings, decode_step
 from dynamo_jax.decoding.dynamo_sampler import _core_traced
 from dynamo_jax.decoding.sampling import row_keys, sample_tokens
 from dynamo_jax.model.config import PRESETS, PythiaConfig, preset, tiny_config
-from dynamo_jax.model.pythia import (forward_cached, init_cache, init_params,
-                                     param_shapes)
+from dynamo_jax.model.pythia import (Pythia, forward_cached, init_cache,
+                                     init_params, param_shapes)
 # pylint: enable=wrong-import-position
 
 N_HEADS = 3  # DynaMo-T3
@@ -186,6 +189,27 @@ def _t3_model(config, params, cache, tokens_BxT, lengths_B):
                         all_heads=True, last_only=True)
 
 
+def _t3_model_one_unembed(config, params, cache, tokens_BxT, lengths_B):
+  """The model part with ONE unembedding matmul for all heads (embed_out
+  read once), which the library does not use: a matmul with more rows may
+  round differently, and head 1 must equal the base model bit for bit
+  (eps_b = 1 and verified greedy reproduce AR exactly), so `Pythia` gives
+  head 1 its own matmul and heads 2..n a shared one (embed_out read twice).
+  Timed to show what that exactness costs."""
+  end_B = cache["end"]
+  b, t = tokens_BxT.shape
+  positions_BxT = end_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  module, variables = Pythia(config), {"params": params}
+  hiddens, updates = module.apply(variables, tokens_BxT, positions_BxT, cache,
+                                  end_B, True, method=Pythia.hidden_states)
+  last_B = jnp.maximum(lengths_B - 1, 0)
+  rows_NBx1xD = jnp.concatenate(
+      [h[jnp.arange(b), last_B][:, None] for h in hiddens], axis=0)
+  logits_NBx1xV = module.apply(variables, rows_NBx1xD, method=Pythia.unembed)
+  return (logits_NBx1xV.reshape(len(hiddens), b, 1, -1),
+          {**cache, **updates, "end": end_B + lengths_B})
+
+
 def _t3_sampler(keys_Bx2, logits_BxNxV, history_BxH, history_len_B, eps_b):
   """The sampler part: what dynamo_sample calls after its host-side checks
   (per-row keys, temperature per head, no table)."""
@@ -201,6 +225,8 @@ def _t3_sampler(keys_Bx2, logits_BxNxV, history_BxH, history_len_B, eps_b):
 AR_PASS = jax.jit(_ar_pass, static_argnums=0, donate_argnums=2)
 T3_PASS = jax.jit(_t3_pass, static_argnums=0, donate_argnums=2)
 T3_MODEL = jax.jit(_t3_model, static_argnums=0, donate_argnums=2)
+T3_MODEL_ONE_UNEMBED = jax.jit(_t3_model_one_unembed, static_argnums=0,
+                               donate_argnums=2)
 T3_SAMPLER = jax.jit(_t3_sampler)
 
 
@@ -374,6 +400,8 @@ def bench_batch(config_t3, params_t3, batch: int, context: int, repeats: int,
                           jnp.float32(0.0)),
       "t3_model": T3_MODEL.lower(config_t3, params_t3, cache_t3, tokens_t3,
                                  fed[0.0]),
+      "t3_model_one_unembed": T3_MODEL_ONE_UNEMBED.lower(
+          config_t3, params_t3, cache_t3, tokens_t3, fed[0.0]),
       "t3_sampler": T3_SAMPLER.lower(sampler_keys, logits_shape, history,
                                      history_len, jnp.float32(0.0)),
   }
@@ -416,6 +444,11 @@ def bench_batch(config_t3, params_t3, batch: int, context: int, repeats: int,
       lambda c: compiled["t3_model"](params_t3, c, tokens_t3, fed[0.0]),
       cache_t3, end_at_context, repeats)
   report("t3_model", model_stats)
+  one_unembed_stats, logits_one, cache_t3 = measure(
+      lambda c: compiled["t3_model_one_unembed"](params_t3, c, tokens_t3,
+                                                 fed[0.0]),
+      cache_t3, end_at_context, repeats)
+  report("t3_model_one_unembed", one_unembed_stats)
   del cache_t3
   logits_BxNxV = jnp.swapaxes(logits_NxBx1xV[:, :, 0], 0, 1)
   sampler_stats = {}
@@ -444,6 +477,11 @@ def bench_batch(config_t3, params_t3, batch: int, context: int, repeats: int,
       "t3_step_ms": t3_stats,
       "t3_mean_tokens_per_pass": m_mean,
       "t3_model_ms": model_stats,
+      "t3_model_one_unembed_ms": one_unembed_stats,
+      # Same inputs, same cache contents: how far the one-matmul logits
+      # are from the library's (rounding only; 0 would mean no cost).
+      "one_unembed_max_abs_logit_diff": float(jnp.max(jnp.abs(
+          logits_one - logits_NxBx1xV))),
       "t3_sampler_ms": sampler_stats,
       "t3_model_plus_sampler_ms": round(model_stats["median"]
                                         + sampler_stats["eps_b_0"]["median"],

@@ -44,13 +44,17 @@ def test_timed_run_reports_every_figure(bench, capsys):
   assert row["weight_bytes"]["ar"] < row["weight_bytes"]["t3"]
   assert row["kv_bytes"]["t3_slots_read"] == 16 + 3
   timings = [row["ar_step_ms"], row["t3_model_ms"],
+             row["t3_model_one_unembed_ms"],
              *row["t3_step_ms"].values(), *row["t3_sampler_ms"].values()]
-  assert len(timings) == 6
+  assert len(timings) == 7
   for stats in timings:
     assert set(stats) == {"median", "p10", "pipelined", "calls"}
     assert all(_positive(v) for v in stats.values())
   assert all(_positive(v) for v in row["fraction_of_bound"].values())
   assert all(_positive(v) for v in row["ratio_t3_over_ar"].values())
+  # One unembedding matmul for all heads changes the logits by rounding
+  # only (the library keeps head 1's own matmul for bit-exactness).
+  assert row["one_unembed_max_abs_logit_diff"] < 1e-4
   # eps_b = 0 without a table emits 3 tokens per pass, eps_b = 1 one.
   assert row["t3_mean_tokens_per_pass"] == {"eps_b_0": 3.0, "eps_b_1": 1.0}
   assert set(row["targets_met"]) == {"ar_fraction_of_bound",

@@ -15,9 +15,10 @@ wall time of one forward pass of
     and the sampler also runs its order-1 Gumbel draw);
   * T3 split: the model part alone (`forward_cached(all_heads=True,
     last_only=True)` on the T = 3 chunk), the same with ONE unembedding
-    matmul for all heads (`t3_model_one_unembed`: what reading embed_out
-    once instead of twice would save; the library keeps head 1's own matmul
-    so that head 1 equals the base model bit for bit), and the sampler alone
+    matmul for all heads (`t3_model_one_unembed`, the `exact_head1=False`
+    option: what reading embed_out once instead of twice saves; by default
+    head 1 keeps its own matmul so that it equals the base model bit for
+    bit), and the sampler alone
     (`dynamo_sampler._core_traced`, what `dynamo_sample` runs after its
     host-side argument checks, which would otherwise sync on device values).
 
@@ -107,8 +108,8 @@ from dynamo_jax.decoding.dynamo import SamplerSettings, decode_step
 from dynamo_jax.decoding.dynamo_sampler import _core_traced
 from dynamo_jax.decoding.sampling import row_keys, sample_tokens
 from dynamo_jax.model.config import PRESETS, PythiaConfig, preset, tiny_config
-from dynamo_jax.model.pythia import (Pythia, forward_cached, init_cache,
-                                     init_params, param_shapes)
+from dynamo_jax.model.pythia import (forward_cached, init_cache, init_params,
+                                     param_shapes)
 # pylint: enable=wrong-import-position
 
 N_HEADS = 3  # DynaMo-T3
@@ -190,24 +191,11 @@ def _t3_model(config, params, cache, tokens_BxT, lengths_B):
 
 
 def _t3_model_one_unembed(config, params, cache, tokens_BxT, lengths_B):
-  """The model part with ONE unembedding matmul for all heads (embed_out
-  read once), which the library does not use: a matmul with more rows may
-  round differently, and head 1 must equal the base model bit for bit
-  (eps_b = 1 and verified greedy reproduce AR exactly), so `Pythia` gives
-  head 1 its own matmul and heads 2..n a shared one (embed_out read twice).
-  Timed to show what that exactness costs."""
-  end_B = cache["end"]
-  b, t = tokens_BxT.shape
-  positions_BxT = end_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  module, variables = Pythia(config), {"params": params}
-  hiddens, updates = module.apply(variables, tokens_BxT, positions_BxT, cache,
-                                  end_B, True, method=Pythia.hidden_states)
-  last_B = jnp.maximum(lengths_B - 1, 0)
-  rows_NBx1xD = jnp.concatenate(
-      [h[jnp.arange(b), last_B][:, None] for h in hiddens], axis=0)
-  logits_NBx1xV = module.apply(variables, rows_NBx1xD, method=Pythia.unembed)
-  return (logits_NBx1xV.reshape(len(hiddens), b, 1, -1),
-          {**cache, **updates, "end": end_B + lengths_B})
+  """The model part with ONE unembedding matmul for all heads
+  (`exact_head1=False`: embed_out read once, not twice; head 1 then equals
+  the base model up to rounding, not bit for bit)."""
+  return forward_cached(config, params, cache, tokens_BxT, lengths_B,
+                        all_heads=True, last_only=True, exact_head1=False)
 
 
 def _t3_sampler(keys_Bx2, logits_BxNxV, history_BxH, history_len_B, eps_b):

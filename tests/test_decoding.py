@@ -194,6 +194,27 @@ def test_cached_heads_equal_uncached(t3, rng):
   for r, length in enumerate([3, 1]):
     ref = full[:, r, 10 + length - 1]
     assert np.abs(np.asarray(last[:, r, 0]) - ref).max() <= LOGIT_TOL
+  # exact_head1=False: one unembedding matmul for all heads, the same
+  # logits up to rounding.
+  cache = init_cache(config, 2, 40, all_heads=True)
+  _, cache = forward_cached(config, params, cache, jnp.asarray(seq[:, :10]),
+                            all_heads=True)
+  one, _ = forward_cached(config, params, cache, jnp.asarray(seq[:, 10:13]),
+                          lengths, all_heads=True, last_only=True,
+                          exact_head1=False)
+  assert one.shape == last.shape
+  assert np.abs(np.asarray(one) - np.asarray(last)).max() <= LOGIT_TOL
+
+
+def test_exact_head1_false_in_generate(t3):
+  config, params = t3
+  prompt = np.arange(1, 9, dtype=np.int32)[None]
+  kw = dict(max_new_tokens=9, mode="dynamo", eps_b=0.0, seed=3)
+  out = dynamo_jax.generate(config, params, prompt, exact_head1=False, **kw)
+  assert out.forward_passes == 3 and out.tokens.shape == (1, 9)
+  with pytest.raises(InputError, match="exact_head1=False"):
+    dynamo_jax.generate(config, params, prompt, max_new_tokens=4,
+                        mode="verified", exact_head1=False)
 
 
 def test_decode_step_exports_for_tpu_and_cuda(t3):

@@ -27,8 +27,18 @@ from dynamo_jax.model.pythia import KVCache, Params, forward_cached, init_cache
 
 
 class SamplerSettings(NamedTuple):
-  """Algorithm 1's switches. Static under jit (part of the compiled program),
-  except temperature, eps_b and repetition_penalty, which are traced."""
+  """A DynaMo step's switches: Algorithm 1's, the kernel choice, and how the
+  heads are unembedded. Static under jit (part of the compiled program);
+  temperature, eps_b and repetition_penalty are traced arguments instead.
+
+  exact_head1: True (default) unembeds head 1 with its own matmul, the same
+  as the base model's, so eps_b = 1 reproduces plain AR bit for bit; heads
+  2..n share a second one, and embed_out is read twice per step. False uses
+  one matmul for all heads (embed_out read once: ~20% of the model part at
+  pythia-70m's shape on CPU, experiments/bench_step.py); head 1's logits
+  then differ from AR's by rounding (~1e-6), which can flip a rare
+  near-tied draw.
+  """
   k: int = 50
   alpha: float = 1.0
   use_cooc: bool = True
@@ -36,6 +46,7 @@ class SamplerSettings(NamedTuple):
   otsu: bool = True
   greedy: bool = False
   kernel: str = "reference"  # or "pallas" (dynamo_jax/kernels)
+  exact_head1: bool = True
 
 
 def decode_step(config: PythiaConfig, params: Params, cache: KVCache,
@@ -65,7 +76,8 @@ def decode_step(config: PythiaConfig, params: Params, cache: KVCache,
   # Only each row's last valid position is unembedded (for every head).
   logits_NxBx1xV, cache = forward_cached(config, params, cache, tokens_BxT,
                                          lengths_B, all_heads=True,
-                                         last_only=True)
+                                         last_only=True,
+                                         exact_head1=settings.exact_head1)
   result = dynamo_sample(
       keys_Bx2, jnp.swapaxes(logits_NxBx1xV[:, :, 0], 0, 1), history_BxH,
       history_len_B, cooc, n=config.num_token_heads, k=settings.k,

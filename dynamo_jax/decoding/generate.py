@@ -35,9 +35,12 @@ class GenerateOutput:
 
 
 def _check(config, mode, max_new_tokens, greedy, temperature, eps_b, k,
-           seed, batch, cooc, kernel):
+           seed, batch, cooc, kernel, exact_head1=True):
   if mode not in MODES:
     raise InputError(f"mode {mode!r} unknown; available: {MODES}.")
+  if not exact_head1 and mode != "dynamo":
+    raise InputError(f"exact_head1=False is a DynaMo-step option; mode "
+                     f"{mode!r} keeps head 1 exact (use mode='dynamo').")
   if kernel not in KERNELS:
     raise InputError(f"kernel {kernel!r} unknown; available: {KERNELS}.")
   if kernel != "reference" and mode != "dynamo":
@@ -79,7 +82,8 @@ def generate(config: PythiaConfig, params: Params, input_ids, *,
              seed: int | Sequence[int] = 0, cooc=None,
              kernel: str = "reference", k: int = 50, alpha: float = 1.0,
              use_cooc: bool = True, blur: bool = True, otsu: bool = True,
-             repetition_penalty: float = 1.1) -> GenerateOutput:
+             repetition_penalty: float = 1.1,
+             exact_head1: bool = True) -> GenerateOutput:
   """Decodes `max_new_tokens` new tokens after each prompt row.
 
   input_ids: int [B, P] (numpy or jax), all rows of the same length P.
@@ -94,11 +98,14 @@ def generate(config: PythiaConfig, params: Params, input_ids, *,
   k, alpha, use_cooc, blur, otsu, repetition_penalty: Algorithm 1's knobs.
   kernel: DynaMo's grid post-processing: "reference" (jnp) or "pallas" (the
     fused kernel: Mosaic on TPU, Triton on GPU, interpreted on CPU).
+  exact_head1: mode "dynamo" only; False unembeds all heads in one matmul
+    (faster; head 1 then matches AR up to rounding, not bit for bit; see
+    `SamplerSettings`).
   """
   prompt = check_tokens(config, input_ids)
   b, p = prompt.shape
   _check(config, mode, max_new_tokens, greedy, temperature, eps_b, k, seed, b,
-         cooc, kernel)
+         cooc, kernel, exact_head1)
   n = config.num_token_heads if mode != "ar" else 1
   # The last fed chunk starts at position P + max_new_tokens - 1 at most.
   if p + max_new_tokens + n - 2 >= config.max_position_embeddings:
@@ -121,7 +128,7 @@ def generate(config: PythiaConfig, params: Params, input_ids, *,
     settings = SamplerSettings(k=int(k), alpha=float(alpha),
                                use_cooc=bool(use_cooc), blur=bool(blur),
                                otsu=bool(otsu), greedy=bool(greedy),
-                               kernel=kernel)
+                               kernel=kernel, exact_head1=bool(exact_head1))
     table = cooc.device_table() if hasattr(cooc, "device_table") else cooc
     tokens, accepted, passes = generate_dynamo(
         config, params, prompt, keys, table, temp, jnp.float32(eps_b),

@@ -97,11 +97,15 @@ class Pythia(nn.Module):
     return hiddens, updates
 
   def __call__(self, tokens_BxT, positions_BxT=None, cache=None, end_B=None,
-               all_heads: bool = False, select_B=None):
+               all_heads: bool = False, select_B=None,
+               exact_head1: bool = True):
     """Logits float32 [B,T,V] (head 1), or [N,B,T,V] with all_heads.
 
     select_B: int [B], unembed only position select_B[b] of each row (T = 1
     in the output): a decode step needs one position, not the whole chunk.
+    exact_head1=False (all_heads only): one unembedding matmul for all heads,
+    so embed_out is read once, not twice; head 1's logits may then differ
+    from the base model's in the last bits (see below).
     """
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]),
@@ -119,6 +123,9 @@ class Pythia(nn.Module):
     # rows may round differently, and head 1 must equal the base bit for bit
     # (eps_b = 1 and verified greedy reproduce plain AR exactly).
     b, t, _ = hiddens[0].shape
+    if not exact_head1:
+      logits_NBxTxV = self.unembed(jnp.concatenate(hiddens, axis=0))
+      return logits_NBxTxV.reshape(len(hiddens), b, t, -1), updates
     head1_BxTxV = self.unembed(hiddens[0])
     if len(hiddens) == 1:
       return head1_BxTxV[None], updates
@@ -221,7 +228,7 @@ def init_cache(config: PythiaConfig, batch: int, max_len: int, *,
 
 def forward_cached(config: PythiaConfig, params: Params, cache: KVCache,
                    tokens_BxT, lengths_B=None, *, all_heads: bool = False,
-                   last_only: bool = False):
+                   last_only: bool = False, exact_head1: bool = True):
   """One cached forward pass over a chunk of T tokens per row.
 
   Row b's tokens take positions end[b] .. end[b]+T-1; only its first
@@ -232,8 +239,10 @@ def forward_cached(config: PythiaConfig, params: Params, cache: KVCache,
   Returns (logits float32 [B, T, V], or [N, B, T, V] with all_heads, and the
   new cache). The cache needs head entries (`init_cache(all_heads=True)`)
   when all_heads. With last_only, logits are computed only at each row's
-  last valid position (T = 1 in the output). Pure; jit it with
-  `donate_argnums=2` to update in place.
+  last valid position (T = 1 in the output). exact_head1=False (with
+  all_heads) unembeds all heads in one matmul: embed_out is read once
+  instead of twice, and head 1 may differ from the base model by rounding
+  (~1e-6). Pure; jit it with `donate_argnums=2` to update in place.
   """
   end_B = cache["end"]
   t = tokens_BxT.shape[1]
@@ -243,6 +252,6 @@ def forward_cached(config: PythiaConfig, params: Params, cache: KVCache,
   select_B = jnp.maximum(lengths_B - 1, 0) if last_only else None
   logits, updates = Pythia(config).apply(
       {"params": params}, tokens_BxT, positions_BxT, cache, end_B,
-      all_heads=all_heads, select_B=select_B)
+      all_heads=all_heads, select_B=select_B, exact_head1=exact_head1)
   return logits, {**cache, **updates,
                   "end": end_B + lengths_B.astype(jnp.int32)}

@@ -155,6 +155,24 @@ def plain_ar(keys, logits_BxV: jax.Array, temperature: jax.Array, *,
   return token_B, jnp.exp(logp_B)
 
 
+def order1_where_needed(keys, logits_BxNxV: jax.Array, temperature,
+                        needed_B: jax.Array, *, greedy: bool, per_row: bool):
+  """`plain_ar` on head 1 (token int32 [B], probability [B]), computed only
+  when some row needs it (lax.cond); zeros when none does."""
+  b = needed_B.shape[0]
+
+  def order1(_):
+    # Head 1's logits are sliced here, not outside: a cond operand would be
+    # copied even when the branch is skipped.
+    return plain_ar(keys, logits_BxNxV[:, 0], temperature, greedy=greedy,
+                    per_row=per_row)
+
+  def skip(_):
+    return jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.float32)
+
+  return jax.lax.cond(jnp.any(needed_B), order1, skip, None)
+
+
 def tuple_uniforms(keys, batch: int, *, per_row: bool) -> jax.Array:
   """float32 [B]: the uniform each row's tuple draw inverts the CDF with."""
   if per_row:
@@ -218,17 +236,9 @@ def backoff_and_draw(keys, logits_BxNxV, temperature, ids_BxNxK, grids, u_B,
   m_B = jnp.max(jnp.where(passed_BxN, jnp.arange(1, n + 1), 1), axis=1)
   m_B = m_B.astype(jnp.int32)
 
-  def order1(_):
-    # Head 1's logits are sliced here, not outside: a cond operand would be
-    # copied even when the branch is skipped.
-    return plain_ar(keys, logits_BxNxV[:, 0], temperature, greedy=greedy,
-                    per_row=per_row)
-
-  def skip(_):
-    return jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.float32)
-
-  ar_token_B, joint_prob_B = jax.lax.cond(jnp.any(m_B == 1), order1, skip,
-                                          None)
+  ar_token_B, joint_prob_B = order1_where_needed(
+      keys, logits_BxNxV, temperature, m_B == 1, greedy=greedy,
+      per_row=per_row)
   tokens_BxN = jnp.zeros((b, n), jnp.int32).at[:, 0].set(ar_token_B)
   for m, tuple_BxN, prob_B in zip(range(2, n + 1), tuples, probs):
     tokens_BxN = jnp.where((m_B == m)[:, None], tuple_BxN, tokens_BxN)
@@ -238,17 +248,9 @@ def backoff_and_draw(keys, logits_BxNxV, temperature, ids_BxNxK, grids, u_B,
 
 def add_order1(keys, logits_BxNxV, temperature, draws, *, greedy, per_row):
   """Rows where no order >= 2 passed (m = 1) get plain AR on head 1."""
-  b = draws.m_B.shape[0]
   one_B = draws.m_B == 1
-
-  def order1(_):
-    return plain_ar(keys, logits_BxNxV[:, 0], temperature, greedy=greedy,
-                    per_row=per_row)
-
-  def skip(_):
-    return jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.float32)
-
-  ar_token_B, ar_prob_B = jax.lax.cond(jnp.any(one_B), order1, skip, None)
+  ar_token_B, ar_prob_B = order1_where_needed(
+      keys, logits_BxNxV, temperature, one_B, greedy=greedy, per_row=per_row)
   ar_BxN = jnp.zeros_like(draws.tokens_BxN).at[:, 0].set(ar_token_B)
   tokens_BxN = jnp.where(one_B[:, None], ar_BxN, draws.tokens_BxN)
   joint_prob_B = jnp.where(one_B, ar_prob_B, draws.joint_prob_B)

@@ -10,12 +10,12 @@ non-empty line, `.jsonl` one per line in the field `text_key`.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Iterator
 
 import numpy as np
 
+from dynamo_jax.data.files import record_text
 from dynamo_jax.errors import InputError
 
 TOKEN_SUFFIXES = (".npy", ".bin")
@@ -111,16 +111,11 @@ def _document(path: str, line_no: int, raw: bytes, text_key: str) -> str:
     raise InputError(f"{path}:{line_no}: not UTF-8 text.") from None
   if path.endswith(".txt"):
     return line.rstrip("\r\n")
-  if not line.strip():
-    return ""
   try:
-    record = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise InputError(f"{path}:{line_no}: not a JSON line ({e}).") from None
-  if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-    raise InputError(f"{path}:{line_no}: no string field {text_key!r} "
-                     "(choose the field with --text-key).")
-  return record[text_key]
+    return record_text(line, text_key)
+  except ValueError as e:
+    raise InputError(f"{path}:{line_no}: the record {e} (--text-key chooses "
+                     "the field).") from None
 
 
 def _encode(tokenizer, texts: list[str]):

@@ -118,23 +118,32 @@ class LineFile:
       line = f.read(end - start).decode("utf-8", errors="replace")
     if self.field is None:
       return line.rstrip("\r")
-    if not line.strip():
-      return ""
     try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{self.path}: record {i} (bytes {start}..{end}) is not "
-                      f"valid JSON: {e}.") from e
-    if not isinstance(record, dict) or self.field not in record:
-      keys = (sorted(record) if isinstance(record, dict)
-              else type(record).__name__)
-      raise DataError(f"{self.path}: record {i} has no field {self.field!r}; "
-                      f"available fields: {keys}.")
-    text = record[self.field]
-    if not isinstance(text, str):
-      raise DataError(f"{self.path}: record {i} field {self.field!r} is a "
-                      f"{type(text).__name__}, not a string.")
-    return text
+      return record_text(line, self.field)
+    except ValueError as e:
+      raise DataError(f"{self.path}: record {i} (bytes {start}..{end}) "
+                      f"{e}.") from None
+
+
+def record_text(line: str, field: str) -> str:
+  """The string in `field` of one JSON-lines record ("" for a blank line).
+
+  Raises ValueError saying what is wrong (callers add where).
+  """
+  if not line.strip():
+    return ""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"is not valid JSON: {e}") from None
+  if not isinstance(record, dict) or field not in record:
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise ValueError(f"has no field {field!r}; available fields: {keys}")
+  text = record[field]
+  if not isinstance(text, str):
+    raise ValueError(f"field {field!r} is a {type(text).__name__}, not a "
+                     "string")
+  return text
 
 
 class TokenFile:

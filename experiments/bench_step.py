@@ -60,8 +60,8 @@ Decisions:
     dispatch overlaps device work, as in `generate`'s scan / while_loop,
     which have no dispatch at all). Fractions and ratios are given for both;
     `targets_met` uses the median, as the issue states it.
-  * Bandwidth comes from a table keyed on `jax.devices()[0].device_kind`
-    (vendor peak figures) or `--bandwidth-gbs`; for an unknown device (any
+  * Bandwidth comes from dynamo_jax/evaluation/hardware.py (vendor peak
+    figures by `jax.devices()[0].device_kind`) or `--bandwidth-gbs`; for an unknown device (any
     CPU) the bound is null with the reason, never a guess.
   * XLA's own estimate of the bytes a compiled program touches
     (`cost_analysis()["bytes accessed"]`, where the backend provides it) is
@@ -107,6 +107,7 @@ from dynamo_jax.decoding.ar import pass_keys
 from dynamo_jax.decoding.dynamo import SamplerSettings, decode_step
 from dynamo_jax.decoding.dynamo_sampler import _core_traced
 from dynamo_jax.decoding.sampling import row_keys, sample_tokens
+from dynamo_jax.evaluation import hardware
 from dynamo_jax.model.config import PRESETS, PythiaConfig, preset, tiny_config
 from dynamo_jax.model.pythia import (forward_cached, init_cache, init_params,
                                      param_shapes)
@@ -121,41 +122,14 @@ HISTORY_LEN = 256  # tokens in the repetition-penalty history of a T3 pass
 SETTINGS = SamplerSettings()  # k = 50, reference grid code, as `generate`
 TINY = "tiny"  # hidden preset name: dynamo_jax.model.config.tiny_config()
 
-# Peak memory bandwidth in GB/s (1e9 bytes/s) from vendor data sheets, by
-# substrings that must all occur in the lower-cased device_kind; first match
-# wins, so specific entries come first. Device kinds seen in practice:
-# "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA H200",
-# "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", "TPU v4", "TPU v5 lite"
-# (v5e), "TPU v5" (v5p on a TPU VM; "TPU v5p" under Pathways), "TPU v6 lite".
-BANDWIDTH_GBS: tuple[tuple[tuple[str, ...], float], ...] = (
-    (("h100", "pcie"), 2000.0),
-    (("h100", "80gb hbm3"), 3350.0),
-    (("h100", "sxm"), 3350.0),
-    (("h200",), 4800.0),
-    (("a100", "80gb", "pcie"), 1935.0),
-    (("a100", "80gb"), 2039.0),
-    (("a100", "40gb"), 1555.0),
-    (("tpu v5 lite",), 819.0),
-    (("tpu v5e",), 819.0),
-    (("tpu v5p",), 2765.0),
-    (("tpu v6 lite",), 1640.0),
-    (("tpu v6e",), 1640.0),
-    (("tpu v4",), 1200.0),
-)
-# Exact (lower-cased) device kinds that a substring would confuse.
-BANDWIDTH_EXACT_GBS = {"tpu v5": 2765.0}  # v5p on a TPU VM
-
-
 def device_bandwidth(kind: str, override_gbs: float | None):
   """(GB/s or None, where it came from or why it is missing)."""
   if override_gbs is not None:
     return float(override_gbs), "--bandwidth-gbs"
-  low = kind.lower().strip()
-  if low in BANDWIDTH_EXACT_GBS:
-    return BANDWIDTH_EXACT_GBS[low], f"table (device_kind == {low!r})"
-  for needles, gbs in BANDWIDTH_GBS:
-    if all(s in low for s in needles):
-      return gbs, f"table (device_kind contains {' + '.join(needles)})"
+  gbs, entry = hardware.lookup(kind, hardware.BANDWIDTH_GBS,
+                               hardware.BANDWIDTH_EXACT_GBS)
+  if gbs is not None:
+    return gbs, f"table ({entry})"
   return None, (f"device_kind {kind!r} is not in the bandwidth table; pass "
                 "--bandwidth-gbs to get a bound")
 

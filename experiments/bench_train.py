@@ -28,12 +28,6 @@ import subprocess
 import sys
 import time
 
-PEAK_BF16 = {  # dense bf16 FLOP/s, from the vendors' data sheets
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
-    "TPU v5 lite": 197e12, "TPU v5p": 459e12,
-}
-
-
 def model_flops_per_token(config, seq_len: int) -> float:
   d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
   layer = 4 * d * d + 2 * d * f  # matmul weights of one decoder layer
@@ -44,19 +38,12 @@ def model_flops_per_token(config, seq_len: int) -> float:
   return 3 * (2 * matmul + attention)
 
 
-def peak_flops(device) -> float | None:
-  kind = getattr(device, "device_kind", "")
-  for name, flops in PEAK_BF16.items():
-    if name.lower() in kind.lower():
-      return flops
-  return None
-
-
 def bench(preset: str, batch: int, seq_len: int, steps: int, mesh_shape,
           dtype: str) -> dict:
   # pylint: disable=import-outside-toplevel
   import jax
   import numpy as np
+  from dynamo_jax.evaluation.hardware import peak_bf16_flops
   from dynamo_jax.model import dynamo_preset, tiny_config
   from dynamo_jax.training.config import OptimConfig
   from dynamo_jax.training.optimizer import make_optimizer
@@ -90,7 +77,7 @@ def bench(preset: str, batch: int, seq_len: int, steps: int, mesh_shape,
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
   tokens_per_sec = batch * seq_len / median
-  peak = peak_flops(jax.devices()[0])
+  peak = peak_bf16_flops(jax.devices()[0].device_kind)
   flops = model_flops_per_token(config, seq_len) * tokens_per_sec
   return {
       "preset": preset, "batch": batch, "seq_len": seq_len, "dtype": dtype,

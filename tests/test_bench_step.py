@@ -85,3 +85,18 @@ def test_bound_is_null_without_bandwidth(bench, capsys):
 def test_bandwidth_table(bench, kind, gbs):
   assert bench.device_bandwidth(kind, None)[0] == gbs
   assert bench.device_bandwidth(kind, 123.0) == (123.0, "--bandwidth-gbs")
+
+
+def test_hardware_tables():
+  from dynamo_jax.evaluation import hardware  # pylint: disable=import-outside-toplevel
+  bw = lambda kind: hardware.lookup(kind, hardware.BANDWIDTH_GBS,
+                                    hardware.BANDWIDTH_EXACT_GBS)[0]
+  assert bw("NVIDIA H100 80GB HBM3") == 3350.0
+  assert bw("NVIDIA H100 PCIe") == 2000.0
+  assert bw("TPU v5 lite") == 819.0
+  assert bw("TPU v5") == bw("TPU v5p") == 2765.0  # v5p on a TPU VM
+  assert bw("cpu") is None
+  assert hardware.peak_bf16_flops("NVIDIA H200") == 989e12
+  assert hardware.peak_bf16_flops("TPU v5") == 459e12
+  assert hardware.peak_bf16_flops("TPU v5 lite") == 197e12
+  assert hardware.peak_bf16_flops("cpu") is None

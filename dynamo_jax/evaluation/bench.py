@@ -53,32 +53,10 @@ def test_prompts(stream, eos_id: int, count: int, length: int) -> np.ndarray:
   return np.stack([candidates[i] for i in pick]).astype(np.int32)
 
 
-class _TableWeights:
-  """A CoocTable's device arrays behind the decoder's `grid_weights` method,
-  as a pytree so the arrays are traced arguments, not constants. Used only
-  when the table does not provide `device_table()` itself."""
-
-  def __init__(self, arrays):
-    self.arrays = arrays
-
-  def grid_weights(self, topk_ids_BxMxK, alpha):
-    from dynamo_jax import cooc  # pylint: disable=import-outside-toplevel
-    return cooc.grid_weights(self.arrays, topk_ids_BxMxK, alpha)
-
-
-jax.tree_util.register_pytree_node(
-    _TableWeights, lambda t: ((t.arrays,), None),
-    lambda _, children: _TableWeights(*children))
-
-
-def device_weights(table, num_heads: int):
-  """What the decoder takes for a CoocTable (None stays None)."""
-  if table is None:
-    return None
-  if hasattr(table, "device_table"):
-    return table.device_table()
-  from dynamo_jax import cooc  # pylint: disable=import-outside-toplevel
-  return _TableWeights(cooc.to_device(table, max_order=num_heads))
+def device_weights(table):
+  """What the decoder takes for a CoocTable: its cached device table (None
+  stays None)."""
+  return None if table is None else table.device_table()
 
 
 def _load(model_dir_or_loaded):
@@ -151,7 +129,7 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
   model = _load(model_dir_or_loaded)
   prompts = np.asarray(prompts, np.int32)
   n = model.config.num_token_heads
-  weights = device_weights(model.cooc, n) if use_cooc else None
+  weights = device_weights(model.cooc) if use_cooc else None
   args = dict(seeds=list(seeds), new_tokens=new_tokens, temperature=temperature,
               timing_prompts=timing_prompts, repeats=repeats)
   dyn = dict(mode="dynamo", k=k)

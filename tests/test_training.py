@@ -138,3 +138,29 @@ def test_config_errors(tmp_path):
     load_config("tiny-test", ["steps"])
   cfg = load_config("tiny-test", ["optim.lr_base=0.5", "steps=7"])
   assert cfg.optim.lr_base == 0.5 and cfg.steps == 7
+
+
+def test_activation_constraints_only_inside_their_context():
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  from dynamo_jax.model.partitioning import activation_sharding, constrain  # pylint: disable=import-outside-toplevel
+  from dynamo_jax.training.sharding import RULES, make_mesh  # pylint: disable=import-outside-toplevel
+  x = jnp.ones((4, 3, 8))
+  assert constrain(x, ("batch", None, None)) is x  # no context: untouched
+  mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+  def f(x):
+    with activation_sharding(mesh, RULES):
+      return constrain(x * 2, ("batch", None, "mlp"))
+
+  jaxpr = jax.make_jaxpr(f)(x)
+  constraints = [e for e in jaxpr.eqns
+                 if e.primitive.name == "sharding_constraint"]
+  assert len(constraints) == 1
+  assert constraints[0].params["sharding"] == NamedSharding(
+      mesh, P(("data", "fsdp"), None, "tensor"))
+  assert jax.make_jaxpr(lambda x: constrain(x, ("batch", None, None)))(
+      x).eqns == []  # the context ended with f's trace
+  with activation_sharding(mesh, RULES):
+    with pytest.raises(ValueError, match="3 logical axes for an array of "
+                       "rank 2"):
+      constrain(jnp.ones((2, 2)), ("batch", None, None))

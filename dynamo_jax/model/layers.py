@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from dynamo_jax.model.config import PythiaConfig
+from dynamo_jax.model.partitioning import constrain
 
 # Logical axis names used by parameters and caches.
 LOGICAL_AXES = ("vocab", "embed", "heads", "qkv", "head_dim", "mlp")
@@ -24,6 +25,23 @@ Cache = dict[str, jax.Array]  # {"k": [B,S,H,K], "v": [B,S,H,K]}
 def _param(module: nn.Module, name: str, shape, axes, init, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape,
                       jnp.dtype(dtype))
+
+
+class Embed(nn.Module):
+  """Token embedding `embedding` [V, D] (the Pythia embed_in), a lookup in
+  the compute dtype."""
+  config: PythiaConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT):
+    cfg = self.config
+    table_VxD = _param(self, "embedding", (cfg.vocab_size, cfg.hidden_size),
+                       ("vocab", "embed"), nn.initializers.normal(0.02),
+                       cfg.param_dtype)
+    # Gathered whole along D before the lookup (FSDP's all-gather): a lookup
+    # into D-split rows would hand the batch-split stream a D-split layout.
+    table_VxD = constrain(table_VxD.astype(cfg.dtype), ("vocab", None))
+    return jnp.take(table_VxD, tokens_BxT, axis=0)
 
 
 class LayerNorm(nn.Module):
@@ -38,6 +56,9 @@ class LayerNorm(nn.Module):
                    cfg.param_dtype)
     bias = _param(self, "bias", (d,), ("embed",), nn.initializers.zeros,
                   cfg.param_dtype)
+    # Replicated before use, so the elementwise products (and their
+    # gradients) keep the activations' batch layout.
+    scale, bias = constrain(scale, (None,)), constrain(bias, (None,))
     x = x_BxTxD.astype(jnp.float32)
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)

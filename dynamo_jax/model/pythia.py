@@ -24,9 +24,13 @@ import numpy as np
 
 from dynamo_jax.errors import InputError
 from dynamo_jax.model.config import PythiaConfig
-from dynamo_jax.model.layers import DecoderLayer, LayerNorm, _param
+from dynamo_jax.model.layers import DecoderLayer, Embed, LayerNorm, _param
+from dynamo_jax.model.partitioning import constrain
 
 Params = dict[str, Any]
+# Logical layout of the residual stream [B, T, D] (see partitioning.py):
+# rows split like the batch, D whole on every device.
+RESIDUAL_AXES = ("batch", None, None)
 # {"layers_{i}": {"k": [B,S,H,K], "v": [B,S,H,K]}, "end": int32 [B]}
 KVCache = dict[str, Any]
 
@@ -44,11 +48,7 @@ class Pythia(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.embed_in = nn.Embed(
-        cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
-        param_dtype=jnp.dtype(cfg.param_dtype),
-        embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(0.02), ("vocab", "embed")))
+    self.embed_in = Embed(cfg)
     self.layers = [DecoderLayer(cfg, name=f"layers_{i}")
                    for i in range(cfg.num_layers)]
     self.heads = [DecoderLayer(cfg, name=f"heads_{i}")
@@ -83,7 +83,9 @@ class Pythia(nn.Module):
                          None if cache is None else cache[name], end_B)
       if c is not None:
         updates[name] = c
-      return y_BxTxD
+      return constrain(y_BxTxD, RESIDUAL_AXES)
+
+    x_BxTxD = constrain(x_BxTxD, RESIDUAL_AXES)
 
     last = self.config.num_layers - 1
     for i in range(last):

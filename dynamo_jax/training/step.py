@@ -20,7 +20,9 @@ from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import Pythia, param_axes, param_shapes
 from dynamo_jax.training.loss import head_losses
 from dynamo_jax.training.optimizer import DynamoOptimizer, split
-from dynamo_jax.training.sharding import (batch_sharding, param_shardings,
+from dynamo_jax.model.partitioning import activation_sharding
+from dynamo_jax.training.sharding import (RULES, batch_sharding,
+                                          param_shardings,
                                           replicated)
 
 State = dict[str, Any]
@@ -102,6 +104,12 @@ def make_train_step(config: PythiaConfig, opt: DynamoOptimizer, mesh: Mesh,
     return g1, g2, losses_N
 
   def step_fn(state, batch):
+    # Activations take the batch's layout (model/partitioning.py) while the
+    # step traces; the model is otherwise free of mesh code.
+    with activation_sharding(mesh, RULES):
+      return sharded_step(state, batch)
+
+  def sharded_step(state, batch):
     params = state["params"]
     tokens_BxT, seg_BxT = batch["tokens"], batch["segment_ids"]
     if grad_accum == 1:

@@ -259,14 +259,14 @@ def bench_sampler_with_table(args, arrays, stream, rng) -> dict:
   # Scalars are device arrays made once: a jnp.float32(...) inside the timed
   # call is an eager dispatch (~0.1 ms here) that a decode step never pays.
   penalty = jnp.float32(1.1)
+  sample = jax.jit(dynamo_sampler.dynamo_sample,
+                   static_argnames=dynamo_sampler.STATIC_ARGNAMES)
   out = {"vocab": VOCAB, "n": n}
   for name, cooc_arg in (("no_table", None), ("table", table)):
     for eps_b in (0.0, 0.5, 1.0):
-      run = lambda l, c=cooc_arg, e=jnp.float32(eps_b): (
-          dynamo_sampler._core_traced(  # pylint: disable=protected-access
-              keys, l, history, history_len, c, temps, e, penalty,
-              n=n, k=args.k, alpha=1.0, use_cooc=c is not None, blur=True,
-              otsu=True, greedy=False, per_row=True))
+      run = lambda l, c=cooc_arg, e=jnp.float32(eps_b): sample(
+          keys, l, history, history_len, c, n=n, k=args.k, temperature=temps,
+          eps_b=e, repetition_penalty=penalty, use_cooc=c is not None)
       out[f"{name}_eps_b_{eps_b}"] = _time(run, logits, args.repeats)
   return out
 

@@ -19,8 +19,8 @@ wall time of one forward pass of
     option: what reading embed_out once instead of twice saves; by default
     head 1 keeps its own matmul so that it equals the base model bit for
     bit), and the sampler alone
-    (`dynamo_sampler._core_traced`, what `dynamo_sample` runs after its
-    host-side argument checks, which would otherwise sync on device values).
+    (`dynamo_sample` traced inside the jitted pass, so its host-side
+    argument checks run at trace time and never sync on device values).
 
 and compares the AR pass with its HBM-bandwidth bound
 
@@ -105,7 +105,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flax
 from dynamo_jax.decoding.ar import pass_keys
 from dynamo_jax.decoding.dynamo import SamplerSettings, decode_step
-from dynamo_jax.decoding.dynamo_sampler import _core_traced
+from dynamo_jax.decoding.dynamo_sampler import dynamo_sample
 from dynamo_jax.decoding.sampling import row_keys, sample_tokens
 from dynamo_jax.evaluation import hardware
 from dynamo_jax.model.config import PRESETS, PythiaConfig, preset, tiny_config
@@ -176,12 +176,12 @@ def _t3_sampler(keys_Bx2, logits_BxNxV, history_BxH, history_len_B, eps_b):
   """The sampler part: what dynamo_sample calls after its host-side checks
   (per-row keys, temperature per head, no table)."""
   temperature_N = jnp.full((N_HEADS,), TEMPERATURE, jnp.float32)
-  return _core_traced(
-      keys_Bx2, logits_BxNxV, history_BxH, history_len_B, None,
-      temperature_N, eps_b, jnp.float32(REPETITION_PENALTY), n=N_HEADS,
-      k=SETTINGS.k, alpha=SETTINGS.alpha, use_cooc=SETTINGS.use_cooc,
-      blur=SETTINGS.blur, otsu=SETTINGS.otsu, greedy=SETTINGS.greedy,
-      per_row=True, kernel=SETTINGS.kernel)
+  return dynamo_sample(
+      keys_Bx2, logits_BxNxV, history_BxH, history_len_B, None, n=N_HEADS,
+      k=SETTINGS.k, temperature=temperature_N, eps_b=eps_b,
+      alpha=SETTINGS.alpha, use_cooc=SETTINGS.use_cooc, blur=SETTINGS.blur,
+      otsu=SETTINGS.otsu, repetition_penalty=jnp.float32(REPETITION_PENALTY),
+      greedy=SETTINGS.greedy, kernel=SETTINGS.kernel)
 
 
 AR_PASS = jax.jit(_ar_pass, static_argnums=0, donate_argnums=2)

@@ -287,6 +287,10 @@ def _sample_core(keys, logits_BxNxV, history_BxH, history_len_B, cooc,
                       topk_probs_BxNxK=probs_BxNxK, u_B=u_B)
 
 
+# The static arguments of `dynamo_sample`, for calling it under one's own
+# jit: jax.jit(dynamo_sample, static_argnames=STATIC_ARGNAMES).
+STATIC_ARGNAMES = ("n", "k", "alpha", "use_cooc", "blur", "otsu", "greedy",
+                   "kernel")
 _STATIC = ("n", "k", "alpha", "use_cooc", "blur", "otsu", "greedy", "per_row",
            "kernel")
 # A cooc that is a pytree of arrays is traced (its tables stay arguments, not

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dynamo_jax.decoding import sampler_grid, sampler_topk
-from dynamo_jax.decoding.dynamo_sampler import dynamo_sample
+from dynamo_jax.decoding.dynamo_sampler import STATIC_ARGNAMES, dynamo_sample
 from dynamo_jax.decoding.sampling import sample_tokens
 from dynamo_jax.errors import InputError
 from tests import sampler_reference
@@ -282,6 +282,13 @@ def test_runs_inside_an_outer_jit_with_everything_traced():
     inner = step(*args, *kw.values())
     outer = dynamo_sample(*args, n=3, k=5, **kw)
     for x, y in zip(inner, outer):
+      np.testing.assert_array_equal(x, y)
+    # The documented way to jit it directly (what the benchmarks time).
+    jitted = jax.jit(dynamo_sample, static_argnames=STATIC_ARGNAMES)
+    direct = jitted(*args, n=3, k=5, temperature=jnp.asarray(temperature),
+                    eps_b=jnp.float32(eps_b),
+                    repetition_penalty=jnp.float32(1.2))
+    for x, y in zip(direct, outer):
       np.testing.assert_array_equal(x, y)
 
 

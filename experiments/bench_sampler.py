@@ -10,8 +10,8 @@ block_until_ready, after a warm-up call (the compile). Reported per batch and
 per co-occurrence setting:
   * total_ms[eps_b] (and total_p10_ms, the 10th percentile: on a shared
     2-core machine other processes' load inflates the median): the jitted
-    sampler (`dynamo_sample` under jit, what a caller inside jit pays) for eps_b = 0
-    (every row emits n: order 1 is skipped by its lax.cond), 0.5, and 1
+    sampler (`dynamo_sample` under jit, what a caller inside jit pays) for
+    eps_b = 0 (every row emits n: order 1 is skipped by its lax.cond), 0.5, and 1
     (every row backs off to plain AR, which pays the full-vocabulary Gumbel
     draw); wrapper_ms: the public `dynamo_sample` with its Python argument
     checks, at eps_b = 0.5; m_mean: mean m emitted.

@@ -173,8 +173,8 @@ def _t3_model_one_unembed(config, params, cache, tokens_BxT, lengths_B):
 
 
 def _t3_sampler(keys_Bx2, logits_BxNxV, history_BxH, history_len_B, eps_b):
-  """The sampler part: what dynamo_sample calls after its host-side checks
-  (per-row keys, temperature per head, no table)."""
+  """The sampler part: `dynamo_sample` (per-row keys, temperature per head,
+  no table), traced into the caller's jit."""
   temperature_N = jnp.full((N_HEADS,), TEMPERATURE, jnp.float32)
   return dynamo_sample(
       keys_Bx2, logits_BxNxV, history_BxH, history_len_B, None, n=N_HEADS,

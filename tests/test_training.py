@@ -8,12 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dynamo_jax.errors import ConfigError, DynamoError
 from dynamo_jax.model import tiny_config
+from dynamo_jax.model.partitioning import activation_sharding, constrain
 from dynamo_jax.training.config import (CONFIG_DIR, OptimConfig, load_config)
 from dynamo_jax.training.loss import head_losses, shifted_targets
 from dynamo_jax.training.optimizer import make_optimizer
+from dynamo_jax.training.sharding import RULES, make_mesh
 from tests.conftest import random_params
 
 
@@ -141,9 +144,6 @@ def test_config_errors(tmp_path):
 
 
 def test_activation_constraints_only_inside_their_context():
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  from dynamo_jax.model.partitioning import activation_sharding, constrain  # pylint: disable=import-outside-toplevel
-  from dynamo_jax.training.sharding import RULES, make_mesh  # pylint: disable=import-outside-toplevel
   x = jnp.ones((4, 3, 8))
   assert constrain(x, ("batch", None, None)) is x  # no context: untouched
   mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])

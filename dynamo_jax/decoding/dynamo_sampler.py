@@ -291,8 +291,7 @@ def _sample_core(keys, logits_BxNxV, history_BxH, history_len_B, cooc,
 # jit: jax.jit(dynamo_sample, static_argnames=STATIC_ARGNAMES).
 STATIC_ARGNAMES = ("n", "k", "alpha", "use_cooc", "blur", "otsu", "greedy",
                    "kernel")
-_STATIC = ("n", "k", "alpha", "use_cooc", "blur", "otsu", "greedy", "per_row",
-           "kernel")
+_STATIC = STATIC_ARGNAMES + ("per_row",)
 # A cooc that is a pytree of arrays is traced (its tables stay arguments, not
 # compile-time constants); an opaque object is a static argument instead.
 _core_traced = jax.jit(_sample_core, static_argnames=_STATIC)

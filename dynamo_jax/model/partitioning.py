@@ -30,6 +30,12 @@ _ACTIVE: contextvars.ContextVar = contextvars.ContextVar(
     "dynamo_jax_activation_sharding", default=None)
 
 
+def mesh_axes_size(mesh: Mesh, axes) -> int:
+  """Devices along `axes` (a mesh axis name, a tuple of them, or None)."""
+  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(mesh.shape[a] for a in names)
+
+
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh,
                         rules: Mapping[str, Any]) -> Iterator[None]:
@@ -60,7 +66,6 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
   spec = []
   for dim, name in zip(x.shape, logical_axes):
     axes = None if name is None else rules[name]
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = math.prod(mesh.shape[a] for a in names)
-    spec.append(axes if names and dim % size == 0 else None)
+    spec.append(axes if axes and dim % mesh_axes_size(mesh, axes) == 0
+                else None)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))

@@ -10,6 +10,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dynamo_jax.errors import ConfigError
+from dynamo_jax.model.partitioning import mesh_axes_size
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -59,8 +60,7 @@ def logical_to_spec(logical: P, shape: tuple[int, ...], mesh: Mesh,
       raise ConfigError(f"{where}: logical axis {name!r} has no sharding rule; "
                         f"add it to dynamo_jax.training.sharding.RULES.")
     mesh_axes = RULES[name]
-    size = math.prod(mesh.shape[a] for a in
-                     ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ()))
+    size = mesh_axes_size(mesh, mesh_axes)
     if dim % size:
       raise ConfigError(
           f"{where}: dimension {dim} (logical {name!r}) does not divide over "

@@ -17,13 +17,12 @@ import optax
 from jax.sharding import Mesh
 
 from dynamo_jax.model.config import PythiaConfig
+from dynamo_jax.model.partitioning import activation_sharding
 from dynamo_jax.model.pythia import Pythia, param_axes, param_shapes
 from dynamo_jax.training.loss import head_losses
 from dynamo_jax.training.optimizer import DynamoOptimizer, split
-from dynamo_jax.model.partitioning import activation_sharding
 from dynamo_jax.training.sharding import (RULES, batch_sharding,
-                                          param_shardings,
-                                          replicated)
+                                          param_shardings, replicated)
 
 State = dict[str, Any]
 

@@ -440,3 +440,21 @@ def test_tokenizer_without_eos(configs):
       return [1]
   with pytest.raises(DataError, match="eos_id"):
     make_batches(configs["text"], NoEos(), batch_size=1, seq_len=8, seed=0)
+
+
+def test_named_corpus_paths(tmp_path, monkeypatch):
+  """`corpus:NAME` resolves to the cached corpus; an unknown name is an error
+  naming the known ones. The cache is pre-filled here, so no fetch runs."""
+  from dynamo_jax.data import corpus
+  from dynamo_jax.data.files import expand_paths
+  monkeypatch.setenv("DYNAMO_CACHE", str(tmp_path))
+  cached = tmp_path / "corpus" / "shakespeare"
+  cached.mkdir(parents=True)
+  (cached / "b.txt").write_text("to be")
+  (cached / "a.txt").write_text("or not")
+  assert expand_paths(["corpus:shakespeare"], "text") == [
+      str(cached / "a.txt"), str(cached / "b.txt")]
+  with pytest.raises(DataError, match="unknown corpus corpus:nope; known: "
+                     "corpus:shakespeare"):
+    expand_paths(["corpus:nope"], "text")
+  assert corpus.resolve_path("x/y.txt") == "x/y.txt"

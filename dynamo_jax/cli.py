@@ -1,10 +1,16 @@
-"""Command line: `python -m dynamo_jax {convert,generate} ...`."""
+"""dynamo_jax: convert checkpoints, generate text, train DynaMo heads, count
+co-occurrence tables, benchmark DynaMo against AR.
+
+Every subcommand reports bad input as one line, `error: ...`, and exits 2;
+Ctrl-C and SIGTERM end it with one line and exit 130 / 143, after any output
+being written was either finished or removed."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -38,6 +44,12 @@ def _generate(args) -> None:
   from dynamo_jax.decoding import generate  # pylint: disable=import-outside-toplevel
   if not args.prompt:
     raise DynamoError("--prompt is empty; give some text to continue.")
+  try:
+    args.prompt.encode("utf-8")
+  except UnicodeEncodeError:
+    raise DynamoError("--prompt is not valid UTF-8 text (check the terminal's "
+                      "or the file's encoding, e.g. convert it with iconv "
+                      "-t UTF-8).") from None
   config, params, tokenizer, cooc = _load_model(args.model, args.revision,
                                                 args.dtype)
   if args.cooc:
@@ -83,9 +95,17 @@ def _train(args) -> None:
   print(json.dumps(last))
 
 
+class _Parser(argparse.ArgumentParser):
+  """Usage errors as one line that says where the help is; exit 2."""
+
+  def error(self, message):
+    self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m dynamo_jax",
-                                   description=__doc__)
+  parser = _Parser(prog="python -m dynamo_jax",
+                   description=__doc__.split("\n\n", maxsplit=1)[0],
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("convert", help="convert a checkpoint")
@@ -148,11 +168,38 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+class Terminated(SystemExit):
+  """SIGTERM, raised in the main thread so cleanups (`finally`, temp files)
+  run as they do for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):  # pylint: disable=unused-argument
+  raise Terminated(128 + signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
+  signal.signal(signal.SIGTERM, _on_sigterm)
   try:
     args.func(args)
   except DynamoError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
+  except OSError as e:  # the machine's, not ours: permissions, disk full
+    where = f" ({e.filename})" if e.filename else ""
+    print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"interrupted: {args.command} stopped; what it was writing was "
+          "finished or removed, never left half-written.", file=sys.stderr)
+    return 130
+  except Terminated as e:
+    print(f"terminated: {args.command} stopped by SIGTERM; what it was "
+          "writing was finished or removed, never left half-written.",
+          file=sys.stderr)
+    return e.code
   return 0
+
+
+def _one_line(error: Exception) -> str:
+  return " ".join(str(error).split())

@@ -2,15 +2,19 @@
 
 Reading uses positioned reads instead of a memory map, so converting a large
 checkpoint holds one tensor in host memory, not the mapped file besides the
-converted copy. The header is validated before any tensor is read.
+converted copy. The header is validated before any tensor is read; each
+tensor's values are checked (floating point, finite) by `check_tensor` as
+the converters stream it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import socket
 import struct
 import tempfile
 from typing import Callable, Iterable, Iterator, Mapping
@@ -29,25 +33,96 @@ _ST_DTYPES = {
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16),
+                np.dtype(np.float32), np.dtype(np.float64))
+# Elements per np.isfinite pass: bounds its boolean temporary at 16 MiB
+# (a whole pythia-12b embedding at once would need 260 MB).
+_FINITE_CHUNK = 1 << 24
+
+
+_HOST = socket.gethostname().replace("/", "_")
+
+
+def temp_prefix(name: str) -> str:
+  """The name prefix of this process's temporary siblings of `name`.
+
+  It records the owner (pid and host), so a later run can tell a leftover of
+  a killed process (`remove_stale`) from the work of one still running.
+  """
+  return f".{name}.tmp-{os.getpid()}@{_HOST}."
+
+
+def _owner_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  return True
+
+
+def remove_stale(parent: str, name: str) -> list[str]:
+  """Removes temporary siblings of `name` in `parent` whose owner process, on
+  this host, has died (killed mid-write); returns what was removed. Those of
+  live processes and of other hosts (a shared file system) are kept."""
+  lead = f".{name}.tmp-"
+  removed = []
+  try:
+    entries = os.listdir(parent)
+  except OSError:
+    return removed
+  for entry in entries:
+    if not entry.startswith(lead):
+      continue
+    pid, _, rest = entry[len(lead):].partition("@")
+    host = rest.rpartition(".")[0]
+    if not pid.isdigit() or host != _HOST or _owner_alive(int(pid)):
+      continue
+    path = os.path.join(parent, entry)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      with contextlib.suppress(OSError):
+        os.remove(path)
+    removed.append(path)
+  return removed
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike) -> Iterator[str]:
   """Yields a temporary sibling of `out_dir`, renamed onto it on success.
 
-  On any exception the temporary directory is removed and `out_dir` is left
-  as it was. An existing non-empty `out_dir` is refused, never overwritten.
+  On any exception (SIGTERM too, when the CLI turns it into SystemExit) the
+  temporary directory is removed and `out_dir` is left as it was; what a
+  `kill -9` leaves behind is removed by the next `atomic_dir` of the same
+  name. An existing non-empty `out_dir` is refused, never overwritten. The
+  result gets the permissions the umask gives a new directory (mkdtemp's
+  are 0700).
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir)
                                   or os.listdir(out_dir)):
     raise CheckpointError(f"output {out_dir} already exists and is not empty; "
                           "choose a new path or remove it first.")
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  parent, name = os.path.split(out_dir)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    remove_stale(parent, name)
+    tmp = tempfile.mkdtemp(prefix=temp_prefix(name), dir=parent)
+  except OSError as e:
+    raise CheckpointError(f"cannot write {out_dir}: {e.strerror or e} "
+                          f"({e.filename or parent}); choose a writable "
+                          "location.") from None
   try:
     yield tmp
+    os.chmod(tmp, 0o777 & ~_umask())
     if os.path.isdir(out_dir):
       os.rmdir(out_dir)  # empty, checked above
     os.rename(tmp, out_dir)
@@ -56,11 +131,51 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[str]:
     raise
 
 
+@contextlib.contextmanager
+def atomic_output(out_dir: str | os.PathLike) -> Iterator[str]:
+  """`atomic_dir`, with OS errors while writing (a read-only location, a
+  full disk) raised as CheckpointError naming `out_dir`."""
+  try:
+    with atomic_dir(out_dir) as tmp:
+      yield tmp
+  except OSError as e:
+    where = f" ({e.filename})" if e.filename else ""
+    raise CheckpointError(
+        f"cannot write {os.fspath(out_dir)}: {e.strerror or e}{where}; choose "
+        "a writable location with enough free space.") from None
+
+
+def check_tensor(array: np.ndarray, what: str, fix: str) -> None:
+  """Refuses `array` unless it is floating point and finite.
+
+  `what` names the tensor and where it is ("tensor X in FILE"); `fix` says
+  what to do about it. Costs one np.isfinite pass over the values.
+  """
+  if array.dtype not in FLOAT_DTYPES:
+    raise CheckpointError(
+        f"{what} has dtype {array.dtype.name}, but parameters are floating "
+        f"point (float16, bfloat16, float32 or float64); {fix}")
+  flat = array.reshape(-1)
+  for start in range(0, flat.size, _FINITE_CHUNK):
+    if not np.isfinite(flat[start:start + _FINITE_CHUNK]).all():
+      raise CheckpointError(f"{what} holds non-finite values (NaN or Inf); "
+                            f"{fix}")
+
+
+def tensor_sha256(array: np.ndarray) -> str:
+  """Hex sha256 of a tensor's bytes as safetensors stores them (C order)."""
+  return hashlib.sha256(
+      np.ascontiguousarray(array).reshape(-1).view(np.uint8).data).hexdigest()
+
+
 class SafetensorsReader:
   """Validated random access to the tensors of one .safetensors file."""
 
   def __init__(self, path: str):
     self.path = path
+    if not os.path.isfile(path):
+      raise CheckpointError(f"{path} is missing; the checkpoint is incomplete: "
+                            "re-download or re-convert it.")
     try:
       size = os.path.getsize(path)
       with open(path, "rb") as f:
@@ -103,11 +218,16 @@ class SafetensorsReader:
     dtype, shape, start = self._entries[name]
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     buf = bytearray(nbytes)
-    with open(self.path, "rb") as f:
-      f.seek(self._base + start)
-      if f.readinto(buf) != nbytes:
-        raise CheckpointError(f"corrupt safetensors file {self.path}: tensor "
-                              f"{name!r} is truncated.")
+    try:
+      with open(self.path, "rb") as f:
+        f.seek(self._base + start)
+        complete = f.readinto(buf) == nbytes
+    except OSError as e:
+      raise CheckpointError(f"cannot read tensor {name!r} from {self.path}: "
+                            f"{e.strerror or e}.") from None
+    if not complete:
+      raise CheckpointError(f"corrupt safetensors file {self.path}: tensor "
+                            f"{name!r} is truncated.")
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 

@@ -113,6 +113,9 @@ def run(args) -> CoocTable:
           vocab_hash=None if tokenizer is None else vocab_hash(tokenizer))
   finally:
     bar.close()
+  if table.total_tokens == 0:
+    raise InputError(f"no tokens in {', '.join(args.data)}: the data is empty, "
+                     "so there is nothing to count; nothing was written.")
   table.save(args.out)
   sizes = ", ".join(f"{m}-grams {k.size}" for m, k in table.keys.items())
   print(f"wrote {args.out}: {table.total_tokens} tokens in "

@@ -15,6 +15,10 @@ import tempfile
 
 import numpy as np
 
+from dynamo_jax import fileio
+
+_SPILL_NAME = "dynamo-cooc-spill"
+
 Run = tuple[np.ndarray, np.ndarray]
 # Entries gathered per merge step, over all runs; bounds merge temporaries.
 _MERGE_STEP = 1 << 22
@@ -177,8 +181,10 @@ class RunStore:
 
   def _spill(self, run: Run) -> None:
     if self._spill_dir is None:
-      self._spill_dir = tempfile.mkdtemp(prefix="dynamo-cooc-",
-                                         dir=self._spill_parent)
+      parent = self._spill_parent or tempfile.gettempdir()
+      fileio.remove_stale(parent, _SPILL_NAME)  # spills of killed counts
+      self._spill_dir = tempfile.mkdtemp(
+          prefix=fileio.temp_prefix(_SPILL_NAME), dir=parent)
     path = os.path.join(self._spill_dir, f"run{len(self._disk)}")
     self._disk.append(DiskRun(path, run))
     self.spills += 1

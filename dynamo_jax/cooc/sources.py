@@ -46,11 +46,16 @@ def progress_bytes(path: str, bin_dtype: str = "uint16") -> int:
 
 def _token_array(path: str, bin_dtype: str) -> np.ndarray:
   if path.endswith(".bin"):
+    size = os.path.getsize(path)
+    if size == 0 or size % np.dtype(bin_dtype).itemsize:
+      raise InputError(f"{path}: {size} bytes is not a whole number of "
+                       f"{bin_dtype} token ids (empty or truncated .bin?).")
     return np.memmap(path, dtype=np.dtype(bin_dtype), mode="r")
   try:
     ids = np.load(path, mmap_mode="r", allow_pickle=False)
-  except (OSError, ValueError) as e:
-    raise InputError(f"{path}: not a readable .npy file ({e}).") from None
+  except (OSError, ValueError, EOFError) as e:
+    reason = "empty file" if os.path.getsize(path) == 0 else str(e) or type(e).__name__
+    raise InputError(f"{path}: not a readable .npy file ({reason}).") from None
   if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
     raise InputError(f"{path}: expected a 1-D integer array of token ids, "
                      f"got {ids.dtype} {ids.shape}; flatten it first.")

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dynamo_jax import fileio
 from dynamo_jax.cooc import keys as keys_lib
 from dynamo_jax.errors import CheckpointError, InputError
 
@@ -129,10 +130,10 @@ class CoocTable:
     for m in range(2, self.max_order + 1):
       arrays[f"keys_{m}"] = np.asarray(self.keys[m], np.uint64)
       arrays[f"counts_{m}"] = _compact(self.counts[m])
-    directory = os.path.dirname(path)
+    directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-",
-                               dir=directory)
+    fileio.remove_stale(directory, name)  # a killed writer's temp file
+    fd, tmp = tempfile.mkstemp(prefix=fileio.temp_prefix(name), dir=directory)
     try:
       with os.fdopen(fd, "wb") as f:
         np.savez(f, **arrays)

@@ -224,6 +224,25 @@ def save_sweep(report: dict, out_dir: str) -> None:
   plt.close(fig)
 
 
+def eps_b_list(text: str) -> list[float]:
+  """'0,0.1,0.3' -> [0.0, 0.1, 0.3], checked while the arguments are parsed
+  (before a model is loaded)."""
+  values = []
+  for part in text.split(","):
+    if not part.strip():
+      continue
+    try:
+      value = float(part)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"{part.strip()!r} is not a number; give eps_b values in [0, 1] "
+          "separated by commas, e.g. 0,0.1,0.3") from None
+    if not 0.0 <= value <= 1.0:
+      raise argparse.ArgumentTypeError(f"eps_b {value} is outside [0, 1]")
+    values.append(value)
+  return values
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
   p = subparsers.add_parser(
       "bench", help="AR vs DynaMo: tokens/pass, wall-clock, NLL and "
@@ -243,7 +262,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--timing-prompts", type=int, default=4)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--no-cooc", action="store_true")
-  p.add_argument("--sweep", default="",
+  p.add_argument("--sweep", default=[], type=eps_b_list,
                  help="comma-separated eps_b values to sweep, e.g. 0,0.1,0.3")
   p.add_argument("--sweep-out", default=None,
                  help="directory for eps_b_sweep.json / .png")
@@ -261,13 +280,12 @@ def run(args) -> dict:
   stream_path = args.prompt_tokens or os.path.join(directory, TEST_SAMPLE_FILE)
   prompts = test_prompts(np.load(stream_path), model.config.eos_token_id,
                          args.num_prompts, args.prompt_len)
-  sweep = [float(x) for x in args.sweep.split(",") if x.strip()]
   report = run_bench(model, prompts, eps_b=args.eps_b,
                      temperature=args.temperature, new_tokens=args.new_tokens,
                      seeds=range(args.seeds),
                      timing_prompts=args.timing_prompts,
                      repeats=args.repeats, use_cooc=not args.no_cooc,
-                     sweep=sweep, sweep_out=args.sweep_out,
+                     sweep=args.sweep, sweep_out=args.sweep_out,
                      sweep_without_table=args.sweep_without_table)
   report["model"]["directory"] = directory
   json.dump(report, sys.stdout)

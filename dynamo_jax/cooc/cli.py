@@ -90,6 +90,9 @@ def run(args) -> CoocTable:
   vocab_size = _vocab_size(args, tokenizer)
   corpus = args.corpus or ", ".join(os.path.basename(p) for p in args.data)
   total = sum(sources.progress_bytes(p, args.bin_dtype) for p in args.data)
+  if total == 0:
+    raise InputError(f"no tokens in {', '.join(args.data)}: the data is empty, "
+                     "so there is nothing to count; nothing was written.")
   bar = tqdm.tqdm(total=total, unit="B", unit_scale=True,
                   desc="counting n-grams", smoothing=0.1)
   try:

@@ -36,7 +36,7 @@ def _model():
 
 def test_bench_report_and_sweep(tmp_path):
   model, stream = _model()
-  prompts = bench.test_prompts(stream, EOS, 2, 8)
+  prompts = bench.prompts_from_stream(stream, EOS, 2, 8)
   assert prompts.shape == (2, 8)
   report = bench.run_bench(model, prompts, eps_b=0.5, new_tokens=9,
                            seeds=(0, 1), timing_prompts=1, repeats=1,

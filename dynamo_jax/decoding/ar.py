@@ -13,13 +13,14 @@ import jax
 import jax.numpy as jnp
 
 from dynamo_jax.decoding.sampling import sample_tokens
+from dynamo_jax.model.config import PythiaConfig
+from dynamo_jax.model.pythia import Params, forward_cached, init_cache
 
 
 def pass_keys(row_keys_Bx2, pass_index):
   """The per-row keys of one forward pass."""
   return jax.vmap(lambda key: jax.random.fold_in(key, pass_index))(row_keys_Bx2)
-from dynamo_jax.model.config import PythiaConfig
-from dynamo_jax.model.pythia import Params, forward_cached, init_cache
+
 
 # The importable cached step: (config, params, cache, tokens_BxT, lengths_B)
 # -> (logits_BxTxV, cache), with the cache donated (updated in place).

@@ -1,7 +1,8 @@
 """GPT-NeoX building blocks as Flax Linen modules over plain parameter pytrees.
 
-Every parameter carries logical axis names (see `LOGICAL_AXES`); the training
-code maps them onto a device mesh with one rules table. Shape letters are
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `qkv`,
+`head_dim`, `mlp`); the training code maps them onto a device mesh with one
+rules table (`dynamo_jax.training.sharding.RULES`). Shape letters are
 defined in `dynamo_jax.model.config`.
 """
 
@@ -16,13 +17,11 @@ import jax.numpy as jnp
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.partitioning import constrain
 
-# Logical axis names used by parameters and caches.
-LOGICAL_AXES = ("vocab", "embed", "heads", "qkv", "head_dim", "mlp")
-
 Cache = dict[str, jax.Array]  # {"k": [B,S,H,K], "v": [B,S,H,K]}
 
 
-def _param(module: nn.Module, name: str, shape, axes, init, dtype):
+def param(module: nn.Module, name: str, shape, axes, init, dtype):
+  """`module.param` with logical axis names `axes`, in `dtype`."""
   return module.param(name, nn.with_logical_partitioning(init, axes), shape,
                       jnp.dtype(dtype))
 
@@ -35,9 +34,9 @@ class Embed(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxT):
     cfg = self.config
-    table_VxD = _param(self, "embedding", (cfg.vocab_size, cfg.hidden_size),
-                       ("vocab", "embed"), nn.initializers.normal(0.02),
-                       cfg.param_dtype)
+    table_VxD = param(self, "embedding", (cfg.vocab_size, cfg.hidden_size),
+                      ("vocab", "embed"), nn.initializers.normal(0.02),
+                      cfg.param_dtype)
     # Gathered whole along D before the lookup (FSDP's all-gather): a lookup
     # into D-split rows would hand the batch-split stream a D-split layout.
     table_VxD = constrain(table_VxD.astype(cfg.dtype), ("vocab", None))
@@ -52,10 +51,10 @@ class LayerNorm(nn.Module):
   def __call__(self, x_BxTxD):
     cfg = self.config
     d = x_BxTxD.shape[-1]
-    scale = _param(self, "scale", (d,), ("embed",), nn.initializers.ones,
-                   cfg.param_dtype)
-    bias = _param(self, "bias", (d,), ("embed",), nn.initializers.zeros,
+    scale = param(self, "scale", (d,), ("embed",), nn.initializers.ones,
                   cfg.param_dtype)
+    bias = param(self, "bias", (d,), ("embed",), nn.initializers.zeros,
+                 cfg.param_dtype)
     # Replicated before use, so the elementwise products (and their
     # gradients) keep the activations' batch layout.
     scale, bias = constrain(scale, (None,)), constrain(bias, (None,))
@@ -107,14 +106,14 @@ class Attention(nn.Module):
     d, h, k = cfg.hidden_size, cfg.num_heads, cfg.head_dim
     init = nn.initializers.normal(0.02)
     # GPT-NeoX interleaves the fused QKV projection per head: [H, 3, K].
-    w_qkv = _param(self, "qkv_kernel", (d, h, 3, k),
-                   ("embed", "heads", "qkv", "head_dim"), init, cfg.param_dtype)
-    b_qkv = _param(self, "qkv_bias", (h, 3, k), ("heads", "qkv", "head_dim"),
-                   nn.initializers.zeros, cfg.param_dtype)
-    w_out = _param(self, "out_kernel", (h, k, d), ("heads", "head_dim", "embed"),
-                   init, cfg.param_dtype)
-    b_out = _param(self, "out_bias", (d,), ("embed",), nn.initializers.zeros,
-                   cfg.param_dtype)
+    w_qkv = param(self, "qkv_kernel", (d, h, 3, k),
+                  ("embed", "heads", "qkv", "head_dim"), init, cfg.param_dtype)
+    b_qkv = param(self, "qkv_bias", (h, 3, k), ("heads", "qkv", "head_dim"),
+                  nn.initializers.zeros, cfg.param_dtype)
+    w_out = param(self, "out_kernel", (h, k, d), ("heads", "head_dim", "embed"),
+                  init, cfg.param_dtype)
+    b_out = param(self, "out_bias", (d,), ("embed",), nn.initializers.zeros,
+                  cfg.param_dtype)
 
     qkv_BxTxHx3xK = jnp.einsum("btd,dhck->bthck", x_BxTxD,
                                w_qkv.astype(cfg.dtype)) + b_qkv.astype(cfg.dtype)
@@ -161,14 +160,14 @@ class Mlp(nn.Module):
     cfg = self.config
     d, f = cfg.hidden_size, cfg.intermediate_size
     init = nn.initializers.normal(0.02)
-    w_in = _param(self, "in_kernel", (d, f), ("embed", "mlp"), init,
+    w_in = param(self, "in_kernel", (d, f), ("embed", "mlp"), init,
+                 cfg.param_dtype)
+    b_in = param(self, "in_bias", (f,), ("mlp",), nn.initializers.zeros,
+                 cfg.param_dtype)
+    w_out = param(self, "out_kernel", (f, d), ("mlp", "embed"), init,
                   cfg.param_dtype)
-    b_in = _param(self, "in_bias", (f,), ("mlp",), nn.initializers.zeros,
+    b_out = param(self, "out_bias", (d,), ("embed",), nn.initializers.zeros,
                   cfg.param_dtype)
-    w_out = _param(self, "out_kernel", (f, d), ("mlp", "embed"), init,
-                   cfg.param_dtype)
-    b_out = _param(self, "out_bias", (d,), ("embed",), nn.initializers.zeros,
-                   cfg.param_dtype)
     h_BxTxF = x_BxTxD @ w_in.astype(cfg.dtype) + b_in.astype(cfg.dtype)
     h_BxTxF = jax.nn.gelu(h_BxTxF, approximate=cfg.hidden_act == "gelu_tanh")
     return h_BxTxF @ w_out.astype(cfg.dtype) + b_out.astype(cfg.dtype)

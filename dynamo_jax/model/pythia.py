@@ -24,7 +24,7 @@ import numpy as np
 
 from dynamo_jax.errors import InputError
 from dynamo_jax.model.config import PythiaConfig
-from dynamo_jax.model.layers import DecoderLayer, Embed, LayerNorm, _param
+from dynamo_jax.model.layers import DecoderLayer, Embed, LayerNorm, param
 from dynamo_jax.model.partitioning import constrain
 
 Params = dict[str, Any]
@@ -54,9 +54,9 @@ class Pythia(nn.Module):
     self.heads = [DecoderLayer(cfg, name=f"heads_{i}")
                   for i in range(2, cfg.num_token_heads + 1)]
     self.final_layer_norm = LayerNorm(cfg)
-    self.embed_out = _param(self, "embed_out",
-                            (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                            nn.initializers.normal(0.02), cfg.param_dtype)
+    self.embed_out = param(self, "embed_out",
+                           (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                           nn.initializers.normal(0.02), cfg.param_dtype)
 
   def unembed(self, x_BxTxD):
     """Final layer norm and untied output projection; float32 logits."""

@@ -73,8 +73,9 @@ def _cooc_budget(work: str) -> int:
 def _bench(work: str, out: str, count: int, length: int, repeats: int,
            timing_prompts: int, sweep) -> dict:
   model = load(out)
-  prompts = bench.test_prompts(np.load(os.path.join(out, "test_sample.npy")),
-                               model.config.eos_token_id, count, length)
+  prompts = bench.prompts_from_stream(
+      np.load(os.path.join(out, "test_sample.npy")),
+      model.config.eos_token_id, count, length)
   report = bench.run_bench(model, prompts, eps_b=0.5, repeats=repeats,
                            timing_prompts=timing_prompts, sweep=sweep,
                            sweep_out=out, sweep_without_table=True)

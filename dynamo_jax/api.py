@@ -27,11 +27,15 @@ def load(path_or_id: str | None = None, *, revision: str | None = None,
          dtype=None) -> Model:
   """Loads a dynamo_jax checkpoint directory (its tokenizer files and, when
   present, its co-occurrence table cooc.npz), or an HF GPT-NeoX checkpoint
-  directory or hub id (no table).
+  directory or hub id (with a DynaMo export's token heads, see
+  convert/hf.py; a table when the directory holds cooc.npz).
 
   `path_or_id=None` loads the embedded default model (a small DynaMo-T3
   trained here on Shakespeare, Milton and the KJV Bible; see its
   MODEL_CARD.md), in float32 unless `dtype` says otherwise.
+
+  Raises CheckpointError (or ConfigError) naming the file, and the tensor
+  when one is damaged (checksum mismatch, non-finite or non-float values).
   """
   if path_or_id is None:
     from dynamo_jax.default_model import default_model_dir  # pylint: disable=import-outside-toplevel
@@ -39,13 +43,14 @@ def load(path_or_id: str | None = None, *, revision: str | None = None,
     dtype = dtype or "float32"
   else:
     directory = resolve(path_or_id, revision)
+  # Checked first: loading the weights of a large model takes a while.
+  if not os.path.exists(os.path.join(directory, "tokenizer.json")):
+    raise CheckpointError(f"{directory} has no tokenizer.json; copy the "
+                          "model's tokenizer files next to its weights.")
   if native.is_native(directory):
     config, params = native.load(directory, dtype=dtype)
   else:
     config, params = from_hf(directory, dtype=dtype)
-  if not os.path.exists(os.path.join(directory, "tokenizer.json")):
-    raise CheckpointError(f"{directory} has no tokenizer.json; copy the "
-                          "model's tokenizer files next to its weights.")
   from dynamo_jax.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   tokenizer = load_tokenizer(directory)
   cooc = None

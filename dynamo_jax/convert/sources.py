@@ -2,8 +2,10 @@
 
 A checkpoint directory holds config.json and one of: model.safetensors,
 model.safetensors.index.json with its shards, pytorch_model.bin, or
-pytorch_model.bin.index.json with its shards. Safetensors is preferred; a
-torch pickle is only ever loaded with `torch.load(weights_only=True)`.
+pytorch_model.bin.index.json with its shards; a DynaMo model exported by
+`to_hf` also holds its token heads 2..N in dynamo_heads.safetensors (see
+convert/hf.py). Safetensors is preferred; a torch pickle is only ever loaded
+with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -11,17 +13,24 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+
 import ml_dtypes
 import numpy as np
 
 from dynamo_jax.errors import CheckpointError
 from dynamo_jax.fileio import SafetensorsReader
 
+HEADS_FILE = "dynamo_heads.safetensors"
 _HUB_PATTERNS_ST = ["config.json", "*.safetensors", "*.safetensors.index.json"]
 _HUB_PATTERNS_BIN = ["config.json", "pytorch_model*.bin",
-                     "pytorch_model.bin.index.json"]
+                     "pytorch_model.bin.index.json", HEADS_FILE]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "vocab.json", "merges.txt")
+# Seconds before a hub request is given up: a missing network then fails in
+# about a second instead of the ~25 s of huggingface_hub's retries.
+_HUB_TIMEOUT = 10.0
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def resolve(path_or_id: str, revision: str | None = None) -> str:
@@ -33,27 +42,57 @@ def resolve(path_or_id: str, revision: str | None = None) -> str:
                             f"directory {path_or_id}; revisions name hub "
                             "commits, so drop it or pass a hub id.")
     return path_or_id
-  if os.path.exists(path_or_id) or path_or_id.count("/") != 1:
+  if os.path.exists(path_or_id):
+    raise CheckpointError(f"{path_or_id} is a file, not a checkpoint "
+                          "directory; pass the directory that holds it.")
+  if path_or_id.count("/") != 1 or path_or_id.startswith((".", "/", "~")):
     raise CheckpointError(
-        f"{path_or_id!r} is neither a checkpoint directory nor a hub id of the "
-        "form 'owner/name' (e.g. 'EleutherAI/pythia-70m').")
+        f"{path_or_id!r} is neither a checkpoint directory (no local directory "
+        "of that name exists) nor a hub id of the form 'owner/name' (e.g. "
+        "'EleutherAI/pythia-70m').")
   return _download(path_or_id, revision)
 
 
+def _first_line(e: BaseException) -> str:
+  text = _ANSI.sub("", str(e)).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
 def _download(repo_id: str, revision: str | None) -> str:
-  import huggingface_hub as hub  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  import huggingface_hub as hub
+  from huggingface_hub.utils import HfHubHTTPError
+
+  def fail(e: BaseException, how: str = ""):
+    return CheckpointError(
+        f"no local directory {repo_id!r} exists, and fetching it as a Hugging "
+        f"Face Hub id (revision {revision or 'main'}) failed{how}: "
+        f"{type(e).__name__}: {_first_line(e).rstrip('.')}. Check the path, "
+        "or the hub id, revision and your network.")
+
   try:
-    files = hub.list_repo_files(repo_id, revision=revision)
-    has_st = any(f.endswith(".safetensors") for f in files)
-    patterns = _HUB_PATTERNS_ST if has_st else _HUB_PATTERNS_BIN
+    # One request with a timeout (list_repo_files retries for ~25 s).
+    info = hub.model_info(repo_id, revision=revision, timeout=_HUB_TIMEOUT)
+    files = [s.rfilename for s in info.siblings or ()]
+  except HfHubHTTPError as e:  # the hub answered: no such repo, revision, access
+    raise fail(e) from None
+  except Exception as e:  # pylint: disable=broad-except
+    # Offline or unreachable: use a copy downloaded before, if cached.
+    try:
+      return hub.snapshot_download(
+          repo_id, revision=revision, local_files_only=True,
+          allow_patterns=(_HUB_PATTERNS_ST + _HUB_PATTERNS_BIN
+                          + list(TOKENIZER_FILES)))
+    except Exception:  # pylint: disable=broad-except
+      raise fail(e, " (the hub is unreachable and no copy is cached)") from None
+  has_st = any(f.endswith(".safetensors") and f != HEADS_FILE for f in files)
+  try:
     return hub.snapshot_download(
-        repo_id, revision=revision,
-        allow_patterns=patterns + list(TOKENIZER_FILES))
-  except Exception as e:  # network, auth, missing repo or revision
-    raise CheckpointError(
-        f"could not fetch {repo_id!r} (revision {revision or 'main'}) from the "
-        f"Hugging Face Hub: {type(e).__name__}: {e}. Check the id and revision, "
-        "your network, or pass a local checkpoint directory.") from None
+        repo_id, revision=revision, etag_timeout=_HUB_TIMEOUT,
+        allow_patterns=((_HUB_PATTERNS_ST if has_st else _HUB_PATTERNS_BIN)
+                        + list(TOKENIZER_FILES)))
+  except Exception as e:  # network, disk
+    raise fail(e) from None
 
 
 class TensorSource:
@@ -91,6 +130,13 @@ class TensorSource:
     if "lm_head.weight" in self._where and "embed_out.weight" not in self._where:
       self._alias["embed_out.weight"] = "lm_head.weight"
       self._where["embed_out.weight"] = self._where.pop("lm_head.weight")
+    if os.path.exists(d(HEADS_FILE)):
+      r = self._reader(d(HEADS_FILE))
+      clash = sorted(set(r.keys()) & set(self._where))
+      if clash:
+        raise CheckpointError(f"{r.path} repeats tensors of the GPT-NeoX "
+                              f"checkpoint beside it, e.g. {clash[:4]}.")
+      self._where.update({k: r.path for k in r.keys()})
 
   def _index(self, path):
     try:
@@ -117,6 +163,9 @@ class TensorSource:
 
   def keys(self) -> list[str]:
     return list(self._where)
+
+  def file_of(self, name: str) -> str:
+    return self._where[name]
 
   def get(self, name: str) -> np.ndarray:
     path = self._where[name]
@@ -145,13 +194,19 @@ def _load_bin(path: str) -> dict:
       if "mmap" not in str(e):
         raise
       state = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
+  except pickle.UnpicklingError:
     raise CheckpointError(
-        f"{path} is not a plain weights file: torch.load(weights_only=True) "
-        f"refused it ({str(e).splitlines()[0]}). dynamo_jax never unpickles "
-        "arbitrary objects; convert it to safetensors with trusted tooling.") from None
-  except Exception as e:  # zip/EOF errors of a damaged file
-    raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        f"{path} is not a plain weights file: it holds non-tensor Python "
+        "objects, which dynamo_jax refuses to unpickle for safety; re-save "
+        "its state dict as safetensors with tooling you trust.") from None
+  except FileNotFoundError:
+    raise CheckpointError(f"{path} is missing; the checkpoint is incomplete: "
+                          "re-download or re-save it.") from None
+  except Exception as e:  # zip/EOF/mmap errors of a damaged file
+    raise CheckpointError(
+        f"{path} is truncated or corrupt: torch cannot read it "
+        f"({type(e).__name__}: {_first_line(e)[:120]}); re-download or "
+        "re-save it.") from None
   if not isinstance(state, dict) or not all(
       isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
     raise CheckpointError(f"{path} does not hold a flat state dict of tensors.")

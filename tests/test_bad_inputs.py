@@ -11,7 +11,10 @@ Add a case here for every bad input found.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
+import struct
 import subprocess
 import sys
 from typing import Callable
@@ -58,6 +61,115 @@ def _both(*setups):
     for s in setups:
       s(path)
   return setup
+
+
+def _default_copy(name="m"):
+  """A copy of the embedded DynaMo-T3 (native format, with checksums.json)."""
+  def setup(path):
+    shutil.copytree(default_model_dir(), path / name)
+  return setup
+
+
+def _poke(path, tensor, data: bytes):
+  """Overwrites bytes in the middle of `tensor`'s data in a safetensors file."""
+  with open(path, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    start, end = json.loads(f.read(n))[tensor]["data_offsets"]
+  with open(path, "r+b") as f:
+    f.seek(8 + n + (start + end) // 2 // 4 * 4)
+    f.write(data)
+
+
+def _flip_tensor(tensor, data, drop_checksums=False):
+  def setup(path):
+    if drop_checksums:
+      (path / "m" / "checksums.json").unlink()
+    _poke(path / "m" / "params.safetensors", tensor, data)
+  return setup
+
+
+def _edit_json(name, edit):
+  def setup(path):
+    meta = json.loads((path / name).read_text())
+    edit(meta)
+    (path / name).write_text(json.dumps(meta))
+  return setup
+
+
+def _rm(name):
+  def setup(path):
+    (path / name).unlink()
+  return setup
+
+
+def _hf_tensor(name, fn):
+  """_hf, then one tensor of hf/model.safetensors replaced by fn(tensor);
+  with the embedded model's tokenizer.json, so `generate --model hf` reaches
+  the weights."""
+  def setup(path):
+    from safetensors.numpy import load_file, save_file
+    _hf(path)
+    st = path / "hf" / "model.safetensors"
+    tensors = load_file(st)
+    tensors[name] = fn(tensors[name])
+    save_file(tensors, st, {"format": "pt"})
+    shutil.copy(os.path.join(default_model_dir(), "tokenizer.json"),
+                path / "hf")
+  return setup
+
+
+def _nan_at_7(w):
+  w = w.copy()
+  w.reshape(-1)[7] = np.nan
+  return w
+
+
+def _hf_bin(path):
+  save_hf(make_hf_model(), path / "hf", fmt="bin")
+
+
+def _truncate(name):
+  def setup(path):
+    data = (path / name).read_bytes()
+    (path / name).write_bytes(data[:len(data) // 2])
+  return setup
+
+
+class _NotWeights:  # module level, so torch.save can pickle it
+  pass
+
+
+def _pickled_bin(path):
+  import torch
+  _hf_bin(path)
+  torch.save({"w": torch.zeros(2), "x": _NotWeights()},
+             path / "hf" / "pytorch_model.bin")
+
+
+def _dynamo_hf(path):
+  """A DynaMo-T3 exported with to_hf: hf/ holds dynamo_heads.safetensors."""
+  import dynamo_jax
+  config, params = dynamo_jax.from_hf(save_hf(make_hf_model(), path / "base"))
+  config, params = dynamo_jax.add_heads(config, params, 3, rng=0)
+  dynamo_jax.to_hf(config, params, path / "hf")
+  shutil.rmtree(path / "base")
+
+
+def _heads_metadata(**changes):
+  def setup(path):
+    from safetensors.numpy import load_file, save_file
+    from dynamo_jax.fileio import SafetensorsReader
+    st = str(path / "hf" / "dynamo_heads.safetensors")
+    meta = {**SafetensorsReader(st).metadata, **changes}
+    save_file(load_file(st), st, meta)
+  return setup
+
+
+def _native(path):
+  import dynamo_jax
+  config, params = dynamo_jax.from_hf(save_hf(make_hf_model(), path / "base"))
+  dynamo_jax.save_native(config, params, path / "nat")
+  shutil.rmtree(path / "base")
 
 
 CASES = [
@@ -108,6 +220,78 @@ CASES = [
     Case("cooc-text-without-tokenizer", ["cooc", "--data", "a.txt", "--out",
                                          "t.npz"], "needs --tokenizer",
          _write("a.txt", b"text")),
+    # --- damaged weights: refused naming the tensor and its file ---
+    Case("generate-flipped-bytes-in-a-tensor",
+         ["generate", "--model", "m", "--prompt", "And", "--json"],
+         "tensor layers_2/mlp/in_kernel in m/params.safetensors does not "
+         "match its sha256 in checksums.json",
+         _both(_default_copy(), _flip_tensor("layers_2/mlp/in_kernel",
+                                             np.float32(1.5).tobytes()))),
+    Case("generate-nan-in-old-checkpoint-without-checksums",
+         ["generate", "--model", "m", "--prompt", "And", "--json"],
+         "tensor heads_3/mlp/out_bias in m/params.safetensors holds "
+         "non-finite values",
+         _both(_default_copy(), _flip_tensor("heads_3/mlp/out_bias",
+                                             b"\xff\xff\xff\xff",
+                                             drop_checksums=True))),
+    Case("generate-unreadable-checksums",
+         ["generate", "--model", "m", "--prompt", "And"],
+         "cannot read the checksums m/checksums.json",
+         _both(_default_copy(), _write("m/checksums.json", b"{not json"))),
+    Case("generate-hf-nan-embedding",
+         ["generate", "--model", "hf", "--prompt", "And"],
+         "tensor gpt_neox.embed_in.weight in hf/model.safetensors holds "
+         "non-finite values",
+         _hf_tensor("gpt_neox.embed_in.weight", _nan_at_7)),
+    Case("generate-hf-int32-embedding",
+         ["generate", "--model", "hf", "--prompt", "And"],
+         "tensor gpt_neox.embed_in.weight in hf/model.safetensors has dtype "
+         "int32, but parameters are floating point",
+         _hf_tensor("gpt_neox.embed_in.weight", lambda w: w.astype(np.int32))),
+    Case("generate-hf-float16-overflow",
+         ["generate", "--model", "hf", "--prompt", "And", "--dtype",
+          "float16"],
+         "dense_4h_to_h.bias in hf/model.safetensors, cast to float16, holds "
+         "non-finite values",
+         _hf_tensor("gpt_neox.layers.1.mlp.dense_4h_to_h.bias",
+                    lambda b: b * 1e6)),
+    # --- damaged or incomplete checkpoint files ---
+    Case("generate-unknown-top-level-config-key",
+         ["generate", "--model", "m", "--prompt", "And"],
+         "m/dynamo_config.json has unknown top-level keys ['extra']",
+         _both(_default_copy(), _edit_json("m/dynamo_config.json",
+                                           lambda m: m.update(extra=1)))),
+    Case("generate-missing-params",
+         ["generate", "--model", "m", "--prompt", "And"],
+         "m has dynamo_config.json but no params.safetensors",
+         _both(_default_copy(), _rm("m/params.safetensors"))),
+    Case("convert-truncated-bin", ["convert", "hf", "out"],
+         "hf/pytorch_model.bin is truncated or corrupt",
+         _both(_hf_bin, _truncate("hf/pytorch_model.bin"))),
+    Case("convert-bin-with-pickled-objects", ["convert", "hf", "out"],
+         "hf/pytorch_model.bin is not a plain weights file: it holds "
+         "non-tensor Python objects, which dynamo_jax refuses to unpickle "
+         "for safety", _pickled_bin),
+    Case("convert-heads-file-unknown-metadata", ["convert", "hf", "out"],
+         "hf/dynamo_heads.safetensors: metadata keys ['colour'] are not "
+         "understood", _both(_dynamo_hf, _heads_metadata(colour="blue"))),
+    Case("convert-heads-file-too-many-heads", ["convert", "hf", "out"],
+         "hf/dynamo_heads.safetensors: num_token_heads must be an integer "
+         "in 1..8", _both(_dynamo_hf, _heads_metadata(num_token_heads="9"))),
+    # --- where checkpoints come from ---
+    Case("generate-missing-dir-that-looks-like-a-hub-id",
+         ["generate", "--model", "fx/nonexistent_dir", "--prompt", "And"],
+         "no local directory 'fx/nonexistent_dir' exists"),
+    Case("generate-missing-nested-dir",
+         ["generate", "--model", "a/b/c", "--prompt", "And"],
+         "no local directory of that name exists"),
+    Case("generate-model-is-a-file",
+         ["generate", "--model", "m/params.safetensors", "--prompt", "And"],
+         "m/params.safetensors is a file, not a checkpoint directory",
+         _default_copy()),
+    Case("convert-to-hf-out-under-a-file",
+         ["convert", "--to-hf", "nat", "afile/out"], "cannot write",
+         _both(_native, _write("afile", b"x"))),
     # --- train ---
     Case("train-unknown-config", ["train", "--config", "nope", "--workdir",
                                   "w"], "no config 'nope'"),

@@ -344,8 +344,8 @@ def test_cuckoo_growth_path_is_exact(lookup_table, monkeypatch):
 
 def test_device_table_is_the_sampler_interface(lookup_table):
   table, _ = lookup_table
-  device = table.device_table()
-  assert table.device_table() is device and device.max_order == 3
+  device = cooc.device_table(table)
+  assert cooc.device_table(table) is device and device.max_order == 3
   ids = np.random.default_rng(4).integers(0, 30, (2, 3, 5))
 
   @jax.jit

@@ -8,13 +8,14 @@
       vocab_size=..., num_heads=...)
   to_device(table) -> pytree; grid_weights(arrays, topk_ids_BxMxK, alpha)
       -> float32 [B, K, ..., K] inside jit; grid_weights_numpy: reference
-  table.device_table() -> DeviceTable, a pytree with .grid_weights(ids,
-      alpha) (the sampler's interface); table.check_compatible(...)
+  device_table(table) -> DeviceTable (cached per table), a pytree with
+      .grid_weights(ids, alpha): the sampler's interface;
+      table.check_compatible(...)
 """
 
 from dynamo_jax.cooc.count import NgramCounter, count_ngrams, count_stream
 from dynamo_jax.cooc.keys import check_fits
-from dynamo_jax.cooc.lookup import (DeviceTable, grid_weights,
+from dynamo_jax.cooc.lookup import (DeviceTable, device_table, grid_weights,
                                     grid_weights_numpy, to_device)
 from dynamo_jax.cooc.table import (FORMAT_VERSION, CoocTable,
                                    check_compatible, load, vocab_hash)

@@ -16,12 +16,15 @@ Shapes (letters as in tensor names):
 cuckoo hash tables, see hashtrie.py, holding each n-gram's ratio
 p(x_1..x_m) / prod_i p(x_i), computed in float64) to pass into jitted code;
 `grid_weights` reads it with two probes (cuckoo slots) per grid entry and level.
-`DeviceTable` wraps those arrays with a `grid_weights(ids, alpha)` method.
+`DeviceTable` wraps those arrays with a `grid_weights(ids, alpha)` method;
+`device_table(table)` builds it once per table object and caches it.
 `grid_weights_numpy` is the reference: binary search over the table's sorted
 uint64 keys, in float64.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +78,7 @@ def to_device(table: CoocTable, max_order: int | None = None) -> dict:
 @jax.tree_util.register_pytree_node_class
 class DeviceTable:
   """`to_device` arrays with the sampler's interface; a pytree, so it can be
-  an argument of jitted functions (from `CoocTable.device_table()`)."""
+  an argument of jitted functions (from `device_table(table)`)."""
 
   def __init__(self, arrays: dict):
     self.arrays = arrays
@@ -94,6 +97,26 @@ class DeviceTable:
   @classmethod
   def tree_unflatten(cls, _, children):
     return cls(*children)
+
+
+# id(table) -> {max_order: DeviceTable}; an entry goes with its table.
+_DEVICE_TABLES: dict[int, dict] = {}
+
+
+def device_table(table: CoocTable, max_order: int | None = None) -> DeviceTable:
+  """The `DeviceTable` of `table` (levels 2..max_order, default all), built
+  on first use and cached for the table's lifetime: building takes seconds
+  for millions of n-grams, and every `generate` call needs it."""
+  if not isinstance(table, CoocTable):
+    raise InputError(f"device_table needs a CoocTable, got "
+                     f"{type(table).__name__}.")
+  cached = _DEVICE_TABLES.get(id(table))
+  if cached is None:
+    cached = _DEVICE_TABLES[id(table)] = {}
+    weakref.finalize(table, _DEVICE_TABLES.pop, id(table), None)
+  if max_order not in cached:
+    cached[max_order] = DeviceTable(to_device(table, max_order))
+  return cached[max_order]
 
 
 def _num_orders(table_arrays: dict) -> int:

@@ -3,8 +3,8 @@ from scratch on public-domain English (Shakespeare, Milton, the King James
 Bible), shipped inside the package so dynamo_jax works offline.
 
 Its files, in dynamo_jax's own checkpoint format, sit beside this module:
-dynamo_config.json, params.safetensors (bfloat16, upcast to float32 on load),
-tokenizer.json + tokenizer_config.json, cooc.npz (co-occurrence table) and
+dynamo_config.json, params.safetensors (bfloat16, upcast to float32 on load)
+with checksums.json (each tensor's sha256, verified on load), tokenizer.json + tokenizer_config.json, cooc.npz (co-occurrence table) and
 test_sample.npy (a fixed ~20k-token slice of the test split, for its test).
 MODEL_CARD.md describes it; experiments/default_model/build.py rebuilds it.
 """

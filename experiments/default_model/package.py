@@ -31,7 +31,8 @@ import runs
 
 # Files the package stage owns in OUT; anything else there (the loader's
 # __init__.py) is left alone.
-ARTIFACT_FILES = ("dynamo_config.json", "params.safetensors", "tokenizer.json",
+ARTIFACT_FILES = ("dynamo_config.json", "params.safetensors", "checksums.json",
+                  "tokenizer.json",
                   "tokenizer_config.json", "special_tokens_map.json",
                   "cooc.npz", "test_sample.npy")
 SAMPLE_TOKENS_PER_DOC = 2500

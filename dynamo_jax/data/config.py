@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any, Mapping
 
 from dynamo_jax.errors import ConfigError, DynamoError
@@ -57,29 +59,42 @@ class DataConfig:
   prefetch: int = 2
 
   def __post_init__(self):
+    # Types first, so the checks below compare like with like.
+    if not isinstance(self.source, str) or self.source not in SOURCES:
+      raise ConfigError(f"data.source must be one of {list(SOURCES)}, got "
+                        f"{_show(self.source)}.")
+    _check_str("name", self.name, optional=True)
+    _check_str("split", self.split)
+    _check_str("field", self.field)
+    _check_str("data_dir", self.data_dir, optional=True)
     # A single path given as a string is a common slip; a list comes from
     # JSON. Either becomes a tuple so the config stays hashable.
-    if isinstance(self.paths, str):
-      object.__setattr__(self, "paths", (self.paths,))
-    else:
-      object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
-    if self.source not in SOURCES:
-      raise ConfigError(
-          f"DataConfig.source must be one of {SOURCES}, got {self.source!r}.")
-    if self.source == "tfds" and not self.name:
-      raise ConfigError("DataConfig(source='tfds') needs a dataset `name`.")
-    if self.source != "tfds" and not self.paths:
-      raise ConfigError(
-          f"DataConfig(source={self.source!r}) needs `paths` (files, "
-          "directories or glob patterns).")
-    if not self.field:
-      raise ConfigError("DataConfig.field must be a non-empty field name.")
-    if self.token_dtype not in TOKEN_DTYPES:
-      raise ConfigError(f"DataConfig.token_dtype must be one of "
-                        f"{TOKEN_DTYPES}, got {self.token_dtype!r}.")
+    paths = self.paths
+    if isinstance(paths, (str, os.PathLike)):
+      paths = (paths,)
+    if (not isinstance(paths, (list, tuple))
+        or not all(isinstance(p, (str, os.PathLike)) and os.fspath(p)
+                   and isinstance(os.fspath(p), str) for p in paths)):
+      raise ConfigError(f"data.paths must be a list of file, directory or glob "
+                        f"paths (strings), got {_show(self.paths)}.")
+    object.__setattr__(self, "paths", tuple(os.fspath(p) for p in paths))
+    for name in ("one_doc_per_line", "shuffle"):
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(f"data.{name} must be true or false, got "
+                          f"{_show(getattr(self, name))}.")
+    if (not isinstance(self.token_dtype, str)
+        or self.token_dtype not in TOKEN_DTYPES):
+      raise ConfigError(f"data.token_dtype must be one of {list(TOKEN_DTYPES)}"
+                        f", got {_show(self.token_dtype)}.")
     _check_int("eos_id", self.eos_id, minimum=0, optional=True)
     _check_int("num_epochs", self.num_epochs, minimum=1, optional=True)
     _check_int("prefetch", self.prefetch, minimum=0)
+    if self.source == "tfds" and not self.name:
+      raise ConfigError("data.source 'tfds' needs a dataset name (data.name).")
+    if self.source != "tfds" and not self.paths:
+      raise ConfigError(
+          f"data.source {self.source!r} needs data.paths (files, directories "
+          "or glob patterns).")
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
@@ -88,21 +103,48 @@ class DataConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
+    if not isinstance(d, Mapping):
+      raise ConfigError(f"data must be an object of DataConfig keys, got "
+                        f"{_show(d)}.")
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
+    unknown = sorted(set(d) - fields, key=str)
     if unknown:
       raise ConfigError(
           f"unknown DataConfig keys {unknown}; known keys: {sorted(fields)}.")
     if "source" not in d:
-      raise ConfigError(f"DataConfig needs `source`, one of {SOURCES}.")
+      raise ConfigError(f"data.source is missing; set it to one of "
+                        f"{list(SOURCES)}.")
     return cls(**d)
+
+
+# Token ids and counts are int32 on the device.
+_INT_MAX = 2**31 - 1
 
 
 def _check_int(name: str, value: Any, *, minimum: int,
                optional: bool = False) -> None:
   if value is None and optional:
     return
-  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+  if (not isinstance(value, int) or isinstance(value, bool)
+      or not minimum <= value <= _INT_MAX):
     raise ConfigError(
-        f"DataConfig.{name} must be an integer >= {minimum}"
-        f"{' or None' if optional else ''}, got {value!r}.")
+        f"data.{name} must be {'null or ' if optional else ''}an integer in "
+        f"{minimum}..{_INT_MAX}, got {_show(value)}.")
+
+
+def _check_str(name: str, value: Any, *, optional: bool = False) -> None:
+  if value is None and optional:
+    return
+  if not isinstance(value, str) or not value:
+    raise ConfigError(
+        f"data.{name} must be {'null or ' if optional else ''}a non-empty "
+        f"string, got {_show(value)}.")
+
+
+def _show(value: Any) -> str:
+  """value as JSON (as a config spells it; else repr), cut to one short line."""
+  try:
+    text = json.dumps(value)
+  except (TypeError, ValueError):
+    text = " ".join(repr(value).split())
+  return text if len(text) <= 80 else text[:77] + "..."

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Sequence
 
 import jax.numpy as jnp
@@ -13,11 +15,11 @@ from dynamo_jax.decoding.dynamo import SamplerSettings, generate_dynamo
 from dynamo_jax.decoding.sampling import row_keys
 from dynamo_jax.decoding.verified import generate_verified
 from dynamo_jax.errors import InputError
+from dynamo_jax.kernels import KERNELS
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import Params, check_tokens
 
 MODES = ("ar", "dynamo", "verified")
-KERNELS = ("reference", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,46 +36,127 @@ class GenerateOutput:
     return float(np.mean(self.accepted.sum(axis=1) / active))
 
 
+SEED_MAX = 2**32 - 1  # PRNGKey keeps 32 bits: larger or negative seeds alias
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _number(name: str, value, need: str) -> float:
+  """float(value) for a real number (Python or numpy scalar), else InputError."""
+  if isinstance(value, (bool, np.bool_)) or not (
+      isinstance(value, numbers.Real)
+      or (hasattr(value, "dtype") and np.ndim(value) == 0
+          and np.dtype(value.dtype).kind in "iuf")):
+    raise InputError(f"{name} must be {need}, got {_show(value)}.")
+  try:
+    return float(value)
+  except OverflowError:  # an int beyond float's range
+    return math.inf if value > 0 else -math.inf
+
+
+def _show(value) -> str:
+  """repr(value) on one line, cut to a readable length."""
+  text = " ".join(repr(value).split())
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _prompt(config: PythiaConfig, input_ids):
+  """Validated int32 [B, P]; a ragged list of rows is named as such."""
+  if isinstance(input_ids, (list, tuple)):
+    lengths = {len(r) for r in input_ids if isinstance(r, (list, tuple))}
+    if len(lengths) > 1:
+      raise InputError(f"input_ids rows have different lengths "
+                       f"{sorted(lengths)}; pad them to one length (and mind "
+                       "the padding) or decode them in separate calls.")
+    try:
+      input_ids = np.asarray(input_ids)
+    except (TypeError, ValueError, OverflowError):
+      raise InputError("input_ids must be an integer array [batch, time] (a "
+                       "list of equal-length rows of token ids).") from None
+  return check_tokens(config, input_ids)
+
+
+def _seed(seed, batch: int):
+  """An int, or a list of one int per row, each in 0..SEED_MAX."""
+  need = f"an int in 0..{SEED_MAX}, or a list of one int per row ({batch} rows)"
+  if _is_int(seed):
+    if not 0 <= seed <= SEED_MAX:
+      raise InputError(f"seed must be {need}, got {seed!r}.")
+    return int(seed)
+  if hasattr(seed, "dtype") and hasattr(seed, "shape"):
+    seed = np.asarray(seed).tolist() if np.ndim(seed) == 1 else seed
+  if not isinstance(seed, (list, tuple)) or not all(
+      _is_int(s) and 0 <= s <= SEED_MAX for s in seed):
+    raise InputError(f"seed must be {need}, got {_show(seed)}.")
+  if len(seed) != batch:
+    raise InputError(f"seed must be {need}, got {len(seed)} seeds.")
+  return [int(s) for s in seed]
+
+
+def _check_cooc(config, mode, cooc) -> None:
+  from dynamo_jax.cooc import CoocTable  # pylint: disable=import-outside-toplevel
+  if cooc is None:
+    return
+  # Besides a CoocTable: anything with the sampler's interface (a
+  # DeviceTable, a test double with grid_weights(ids, alpha)).
+  if not (isinstance(cooc, CoocTable) or hasattr(cooc, "device_table")
+          or hasattr(cooc, "grid_weights")):
+    raise InputError(f"cooc must be None or a CoocTable (dynamo_jax.cooc.load,"
+                     f" count_ngrams), got {type(cooc).__name__}.")
+  if mode != "dynamo":
+    raise InputError(f"cooc weights DynaMo sampling; mode {mode!r} does not "
+                     "use it.")
+  check = getattr(cooc, "check_compatible", None)
+  if check is not None:
+    check(vocab_size=config.vocab_size, num_heads=config.num_token_heads)
+
+
 def _check(config, mode, max_new_tokens, greedy, temperature, eps_b, k,
-           seed, batch, cooc, kernel, exact_head1=True):
-  if mode not in MODES:
-    raise InputError(f"mode {mode!r} unknown; available: {MODES}.")
-  if not exact_head1 and mode != "dynamo":
+           cooc, kernel, flags, alpha, repetition_penalty):
+  """Checks every decoding argument before anything is traced."""
+  if not isinstance(mode, str) or mode not in MODES:
+    raise InputError(f"mode {_show(mode)} unknown; available: {MODES}.")
+  if not isinstance(kernel, str) or kernel not in KERNELS:
+    raise InputError(f"kernel {_show(kernel)} unknown; available: {KERNELS}.")
+  for name, value in flags.items():
+    if not isinstance(value, (bool, np.bool_)):
+      raise InputError(f"{name} must be True or False, got {_show(value)}.")
+  if not flags["exact_head1"] and mode != "dynamo":
     raise InputError(f"exact_head1=False is a DynaMo-step option; mode "
                      f"{mode!r} keeps head 1 exact (use mode='dynamo').")
-  if kernel not in KERNELS:
-    raise InputError(f"kernel {kernel!r} unknown; available: {KERNELS}.")
   if kernel != "reference" and mode != "dynamo":
     raise InputError(f"kernel {kernel!r} is DynaMo's sampler kernel; mode "
                      f"{mode!r} does not use it.")
-  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+  if not _is_int(max_new_tokens) or max_new_tokens < 1:
     raise InputError(f"max_new_tokens must be a positive integer, got "
-                     f"{max_new_tokens!r}.")
-  if not greedy and not (np.isfinite(temperature) and temperature > 0):
-    raise InputError(f"temperature must be > 0 when sampling, got "
-                     f"{temperature!r}; use greedy=True for argmax decoding.")
-  if not 0.0 <= eps_b <= 1.0:
-    raise InputError(f"eps_b must lie in [0, 1], got {eps_b!r}.")
-  if mode == "dynamo" and (not isinstance(k, (int, np.integer))
-                           or not 1 <= k <= config.vocab_size):
+                     f"{_show(max_new_tokens)}.")
+  temp = _number("temperature", temperature, "a number")
+  if greedy and not 0 <= temp < np.inf:
+    raise InputError(f"temperature must be a finite number >= 0 (greedy "
+                     f"decoding ignores it), got {temperature!r}.")
+  if not greedy and not 0 < temp < np.inf:
+    raise InputError(f"temperature must be > 0 and finite when sampling, got "
+                     f"{temperature!r}; for argmax decoding use greedy "
+                     "decoding (greedy=True / --greedy).")
+  if not 0 <= _number("eps_b", eps_b, "a number in [0, 1]") <= 1:
+    raise InputError(f"eps_b must lie in [0, 1] (1 is AR), got {eps_b!r}.")
+  if not 0 <= _number("alpha", alpha, "a finite number >= 0") < np.inf:
+    raise InputError(f"alpha must be a finite number >= 0, got {alpha!r}.")
+  if not 1 <= _number("repetition_penalty", repetition_penalty,
+                      "a finite number >= 1") < np.inf:
+    raise InputError(f"repetition_penalty must be a finite number >= 1 (1 "
+                     f"disables it), got {repetition_penalty!r}.")
+  if not _is_int(k) or (mode == "dynamo" and not 1 <= k <= config.vocab_size):
     raise InputError(f"k must be an integer in 1..{config.vocab_size} (the "
-                     f"vocabulary), got {k!r}.")
+                     f"vocabulary), got {_show(k)}.")
   if mode != "ar" and config.num_token_heads < 2:
     raise InputError(
         f"mode {mode!r} needs a DynaMo model with token heads; this model has "
-        "only head 1. Use mode='ar', or add and train heads (add_heads, "
-        "python -m dynamo_jax train).")
-  if not isinstance(seed, (int, np.integer)):
-    if len(seed) != batch:
-      raise InputError(f"seed must be an int or one int per row ({batch}), "
-                       f"got {len(seed)} seeds.")
-  if cooc is not None:
-    if mode != "dynamo":
-      raise InputError(f"cooc weights DynaMo sampling; mode {mode!r} does not "
-                       "use it.")
-    check = getattr(cooc, "check_compatible", None)
-    if check is not None:
-      check(vocab_size=config.vocab_size, num_heads=config.num_token_heads)
+        "only head 1. Use mode 'ar' (mode='ar' / --mode ar), or add and train "
+        "heads (add_heads, python -m dynamo_jax train).")
+  _check_cooc(config, mode, cooc)
 
 
 def generate(config: PythiaConfig, params: Params, input_ids, *,
@@ -102,10 +185,13 @@ def generate(config: PythiaConfig, params: Params, input_ids, *,
     (faster; head 1 then matches AR up to rounding, not bit for bit; see
     `SamplerSettings`).
   """
-  prompt = check_tokens(config, input_ids)
+  flags = dict(greedy=greedy, use_cooc=use_cooc, blur=blur, otsu=otsu,
+               exact_head1=exact_head1)
+  _check(config, mode, max_new_tokens, greedy, temperature, eps_b, k, cooc,
+         kernel, flags, alpha, repetition_penalty)
+  prompt = _prompt(config, input_ids)
   b, p = prompt.shape
-  _check(config, mode, max_new_tokens, greedy, temperature, eps_b, k, seed, b,
-         cooc, kernel, exact_head1)
+  seeds = _seed(seed, b)
   n = config.num_token_heads if mode != "ar" else 1
   # The last fed chunk starts at position P + max_new_tokens - 1 at most.
   if p + max_new_tokens + n - 2 >= config.max_position_embeddings:
@@ -114,8 +200,7 @@ def generate(config: PythiaConfig, params: Params, input_ids, *,
         f"look-ahead) exceeds max_position_embeddings="
         f"{config.max_position_embeddings}; shorten the prompt or ask for "
         "fewer tokens.")
-  keys = row_keys(int(seed) if isinstance(seed, (int, np.integer))
-                  else list(seed), b)
+  keys = row_keys(seeds, b)
   temp = jnp.float32(temperature if not greedy else 1.0)
   max_new = int(max_new_tokens)
   if mode == "ar":

@@ -1,14 +1,26 @@
 """The Pythia (GPT-NeoX) configuration, its presets, and its HF translation.
 
-Shape letters used in tensor names across the package (`x_BxTxD`, ...):
-  B batch, T tokens in this call (query length), S key/cache length,
-  D hidden size, H attention heads, K head dim, F MLP hidden size,
-  V vocabulary size, L decoder layers, N token heads (DynaMo).
+The package's one shape alphabet. Tensor names carry their shapes
+(`x_BxTxD`, `ids_BxNxK`); a letter means the same everywhere. A module may
+add letters of its own in its docstring (e.g. the kernel's padded layout)
+but never gives one of these another meaning.
+  B   batch rows                      V   vocabulary size
+  T   tokens fed in this call         S   key / KV-cache length (slots)
+  D   hidden size                     F   MLP hidden size
+  H   attention heads                 Dh  head dim (D / H)
+  L   decoder layers                  N   token heads (DynaMo-Tn: n)
+  M   order of one grid (m <= N)      K   top-k ids per head
+  E   grid entries, K^M               R   grid rows, K^(M-1)
+  P   prompt length                   G   new tokens generated
+  Np  forward passes                  Hs  history length (penalty)
+  W   scoring window (perplexity)     X   a generic length (helpers)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Mapping
 
 from dynamo_jax.errors import ConfigError
@@ -20,7 +32,8 @@ _ACTIVATIONS = {
     "gelu_fast": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
 }
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
+HEAD_INPUTS = ("stem", "last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +74,22 @@ class PythiaConfig:
       raise ConfigError(
           f"hidden_size {self.hidden_size} is not divisible by num_heads "
           f"{self.num_heads}.")
-    if not 0.0 <= self.rotary_pct <= 1.0:
-      raise ConfigError(f"rotary_pct must lie in [0, 1], got {self.rotary_pct}.")
+    if not _is_real(self.rotary_pct) or not 0.0 <= self.rotary_pct <= 1.0:
+      raise ConfigError(f"rotary_pct must lie in [0, 1], got {self.rotary_pct!r}.")
+    for name in ("rotary_emb_base", "layer_norm_eps"):
+      value = getattr(self, name)
+      if not _is_real(value) or not 0.0 < value or not _finite(value):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}.")
+    if not isinstance(self.use_parallel_residual, bool):
+      raise ConfigError(f"use_parallel_residual must be True or False, got "
+                        f"{self.use_parallel_residual!r}.")
+    for name in ("bos_token_id", "eos_token_id"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or isinstance(
+          value, bool) or not 0 <= value < self.vocab_size):
+        raise ConfigError(f"{name} must be None or a token id in "
+                          f"0..{self.vocab_size - 1} (the vocabulary), got "
+                          f"{value!r}.")
     if self.rotary_dim % 2:
       raise ConfigError(
           f"rotary dims int(head_dim * rotary_pct) = {self.rotary_dim} is odd "
@@ -74,12 +101,12 @@ class PythiaConfig:
     if not isinstance(self.num_token_heads, int) or not 1 <= self.num_token_heads <= 8:
       raise ConfigError(f"num_token_heads must be an integer in 1..8, got "
                         f"{self.num_token_heads!r}.")
-    if self.head_input not in ("stem", "last"):
+    if self.head_input not in HEAD_INPUTS:
       raise ConfigError(f"head_input must be 'stem' or 'last', got "
                         f"{self.head_input!r}.")
     for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in _DTYPES:
-        raise ConfigError(f"{name} must be one of {_DTYPES}, got "
+      if getattr(self, name) not in DTYPES:
+        raise ConfigError(f"{name} must be one of {DTYPES}, got "
                           f"{getattr(self, name)!r}.")
 
   @property
@@ -156,6 +183,17 @@ class PythiaConfig:
         "eos_token_id": self.eos_token_id,
         "torch_dtype": self.param_dtype,
     }
+
+
+def _is_real(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+  try:
+    return math.isfinite(value)
+  except OverflowError:  # an int beyond float's range, 10**400
+    return False
 
 
 def layer_params(d: int, f: int) -> int:

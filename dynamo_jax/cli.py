@@ -163,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
   # pylint: disable=import-outside-toplevel
   from dynamo_jax.cooc import cli as cooc_cli
   from dynamo_jax.evaluation import bench
+  from dynamo_jax.evaluation import cli as eval_cli
   cooc_cli.add_parser(sub).set_defaults(func=cooc_cli.run)
   bench.add_parser(sub).set_defaults(func=bench.run)
+  eval_cli.add_parser(sub)
   return parser
 
 

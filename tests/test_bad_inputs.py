@@ -292,6 +292,17 @@ CASES = [
     Case("convert-to-hf-out-under-a-file",
          ["convert", "--to-hf", "nat", "afile/out"], "cannot write",
          _both(_native, _write("afile", b"x"))),
+    # --- eval ---
+    Case("completions-eps-b", ["eval", "completions", "--eps-b-grid", "0,1.5",
+                               "--out", "o"], "must lie in [0, 1]"),
+    Case("completions-out-file", ["eval", "completions", "--out", "f"],
+         "is a file", _write("f", b"x")),
+    Case("completions-prompts-missing", ["eval", "completions", "--prompts",
+                                         "nope.txt", "--out", "o"],
+         "does not exist"),
+    Case("completions-prompts-csv", ["eval", "completions", "--prompts",
+                                     "p.csv", "--out", "o"], "must be .txt",
+         _write("p.csv", b"a\n")),
     # --- train ---
     Case("train-unknown-config", ["train", "--config", "nope", "--workdir",
                                   "w"], "no config 'nope'"),

@@ -1,4 +1,4 @@
-"""`python -m dynamo_jax eval ...`: the paper's measurements as commands.
+"""The paper's measurements as commands: `python -m dynamo_jax eval ...`.
 
 Each subcommand lives in its own module with `add_parser(subparsers)` (which
 sets `func`) and a `run(args)`; this module only gathers them, so every
@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 # Subcommand modules, in the order `eval --help` lists them.
-SUBCOMMANDS = ()
+SUBCOMMANDS = ("completions",)
 
 
 def add_parser(subparsers):

@@ -19,7 +19,7 @@ import dynamo_jax
 from dynamo_jax.errors import DynamoError, InputError
 from dynamo_jax.evaluation import harness
 
-lm_eval = pytest.importorskip("lm_eval")  # the eval extra
+import lm_eval  # the eval extra, part of the test environment
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 

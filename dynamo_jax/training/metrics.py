@@ -7,6 +7,8 @@ import json
 import math
 import os
 
+from dynamo_jax.fileio import remove_stale, temp_prefix
+
 
 class MetricsWriter:
   """Appends logged steps; on resume, drops entries past the restored step so
@@ -51,7 +53,9 @@ def _truncate_after(path: str, step: int) -> None:
         continue  # a line cut by a kill mid-write
       if record.get("step", 0) <= step:
         kept.append(json.dumps(record) + "\n")
-  tmp = path + ".tmp"
+  parent, name = os.path.split(path)
+  remove_stale(parent, name)  # a kill mid-truncation leaves its temp file
+  tmp = os.path.join(parent, temp_prefix(name) + "jsonl")
   with open(tmp, "w") as fh:
     fh.writelines(kept)
   os.replace(tmp, path)
@@ -60,3 +64,19 @@ def _truncate_after(path: str, step: int) -> None:
 def read_metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as fh:
     return [json.loads(line) for line in fh]
+
+
+def last_record(workdir: str, step: int) -> dict:
+  """The logged record of `step` ({"step": step} when it was not logged), for
+  a run asked to go no further than it already has."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as fh:
+      for line in fh:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          continue
+        if record.get("step") == step:
+          return record
+  return {"step": step}

@@ -172,6 +172,39 @@ def _native(path):
   shutil.rmtree(path / "base")
 
 
+_TRAINED = {}
+
+
+def _trained_run(corrupt=False):
+  """tiny-test trained 10 steps in W on text/ (checkpoints at steps 1 and 10;
+  trained once per test session, then copied); text2/ is the same text
+  under another name."""
+  def setup(path):
+    if "dir" not in _TRAINED:
+      import tempfile
+      base = tempfile.mkdtemp(prefix="dynamo-bad-inputs-")
+      for d in ("text", "text2"):
+        os.mkdir(os.path.join(base, d))
+        with open(os.path.join(base, d, "a.txt"), "w") as fh:
+          fh.write("To be, or not to be, that is the question. " * 200)
+      subprocess.run([sys.executable, "-m", "dynamo_jax", "train", "--config",
+                      "tiny-test", "--workdir", "W", "--steps", "10",
+                      'data.paths=["text"]'], cwd=base,
+                     env={**os.environ, "PYTHONPATH": ROOT}, check=True,
+                     capture_output=True, timeout=600)
+      _TRAINED["dir"] = base
+    for name in ("text", "text2", "W"):
+      shutil.copytree(os.path.join(_TRAINED["dir"], name), path / name,
+                      symlinks=True)
+    if corrupt:
+      for step in (path / "W" / "checkpoints").iterdir():
+        (step / "state" / "_METADATA").write_text("garbled")
+  return setup
+
+
+_T = ["train", "--config", "tiny-test", "--workdir", "W"]
+
+
 CASES = [
     # --- usage (argparse): one line that points at --help ---
     Case("unknown-subcommand", ["fly"], "invalid choice: 'fly'"),
@@ -342,6 +375,27 @@ CASES = [
     Case("train-data-source", ["train", "--config", "tiny-test", "--workdir",
                                "W", "data.source=csv"],
          "data.source must be one of ['tfds', 'text', 'jsonl', 'tokens']"),
+    # --- train: runs and resumes ---
+    Case("train-data-missing", [*_T, 'data.paths=["/nonexistent"]'],
+         "data file '/nonexistent' does not exist"),
+    Case("train-resume-fewer-steps", [*_T, "--steps", "5",
+                                      'data.paths=["text"]'],
+         "is already at step 10; nothing was done", _trained_run()),
+    Case("train-resume-batch-size", [*_T, "--steps", "20",
+                                     'data.paths=["text"]',
+                                     "global_batch_size=16"],
+         "trained with other settings (global_batch_size 8 -> 16)",
+         _trained_run()),
+    Case("train-resume-other-data", [*_T, "--steps", "20",
+                                     'data.paths=["text2"]'],
+         "(data.paths ['text'] -> ['text2'])", _trained_run()),
+    Case("train-resume-other-model", [*_T, "--steps", "20",
+                                      'data.paths=["text"]',
+                                      "model.overrides.hidden_size=32"],
+         "written for another model: hidden_size 64 -> 32", _trained_run()),
+    Case("train-resume-no-step-restores", [*_T, "--steps", "20",
+                                           'data.paths=["text"]'],
+         "restores (step 10: JSONDecodeError", _trained_run(corrupt=True)),
     # --- train ---
     Case("train-unknown-config", ["train", "--config", "nope", "--workdir",
                                   "w"], "no config 'nope'"),

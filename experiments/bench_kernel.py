@@ -29,19 +29,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# pylint: disable=wrong-import-position
 from dynamo_jax.kernels import threshold_and_draw
 
 K, N = 50, 3

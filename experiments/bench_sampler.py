@@ -15,14 +15,18 @@ per co-occurrence setting:
     (every row backs off to plain AR, which pays the full-vocabulary Gumbel
     draw); wrapper_ms: the public `dynamo_sample` with its Python argument
     checks, at eps_b = 0.5; m_mean: mean m emitted.
-  * stages_ms: the same work cut into separately jitted stages, at eps_b = 0
-    (compare with total_ms["0.0"]): topk (top-k of n heads, renormalised
-    marginals, history mask, uniforms), grid_weights (co-occurrence weights,
-    joint grids, penalty divisors, all orders), blur, otsu (histogram, split,
-    mask), backoff_draw (eps_b mask, penalty, back-off test, draws; order 1
-    skipped). Their sum exceeds the fused total by each stage's dispatch
-    overhead and the lost fusion. order1_ar: the order-1 draw alone (plain
-    AR over the full vocabulary), which rows that back off to m = 1 add.
+  * stages_ms: the same work cut into separately jitted stages of library
+    calls, at eps_b = 0 (compare with total_ms["0.0"]): topk
+    (`topk_marginals`: top-k of n heads, renormalised marginals, history
+    mask; and `tuple_uniforms`), cooc_weights (`order_weights`, all orders),
+    blur (`ops.grid.gaussian_blur3` of every order's joint), otsu
+    (`ops.grid.otsu_keep`: histogram, split, mask), grid_draw
+    (`kernels.threshold_and_draw(kernel="reference", blur=False,
+    otsu=False)`: joint grids, eps_b mask, penalty, back-off test, draws;
+    order 1 skipped). Their sum exceeds the fused total by each stage's
+    dispatch overhead and the lost fusion. order1_ar: the order-1 draw alone
+    (plain AR over the full vocabulary), which rows that back off to m = 1
+    add.
   * plain_ar_ms: `sampling.sample_tokens` (jax.random.categorical per row),
     the plain AR decoder's sampler, for scale.
 
@@ -54,20 +58,16 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Runs as a plain script from anywhere; the package lives at the repo root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# pylint: disable=wrong-import-position
+from dynamo_jax import kernels
 from dynamo_jax.decoding import dynamo_sampler as ds
-from dynamo_jax.decoding import sampler_grid
 from dynamo_jax.decoding.sampling import sample_tokens
+from dynamo_jax.ops import grid
 
 VOCAB, K, N, HISTORY = 50304, 50, 3, 64
 TEMPERATURE, RP = 0.7, 1.1
@@ -121,50 +121,38 @@ def _median_ms(fn, repeats):
 def _stages(keys, logits, history, history_len, cooc, eps_b, repeats):
   """Median ms of each stage, jitted separately, fed the previous outputs."""
   temps = jnp.full((N,), TEMPERATURE, jnp.float32)
-  opts = dict(use_cooc=cooc is not None)
+  use_cooc = cooc is not None
 
   @jax.jit
   def topk(keys, logits):
     out = ds.topk_marginals(logits[:, :N], temps, history, history_len, k=K)
     return out, ds.tuple_uniforms(keys, logits.shape[0], per_row=True)
 
-  @jax.jit
-  def grid_weights(ids, probs, seen, cooc):
-    joints, divisors = [], []
-    for m in range(2, N + 1):
-      w = cooc.grid_weights(ids[:, :m], 1.0) if opts["use_cooc"] else None
-      joints.append(sampler_grid.joint_grid(probs[:, :m], w))
-      divisors.append(ds.penalty_divisor(seen[:, :m], RP))
-    return joints, divisors
-
-  blur = jax.jit(lambda joints: [sampler_grid.gaussian_blur3(j)
-                                 for j in joints])
-  otsu = jax.jit(lambda scores: [sampler_grid.otsu_keep(
+  cooc_weights = jax.jit(lambda ids, cooc: ds.order_weights(
+      ids, cooc, n=N, k=K, alpha=1.0, use_cooc=use_cooc))
+  joints = jax.jit(lambda probs, weights: [
+      grid.joint_grid(probs[:, :m], w)
+      for m, w in zip(range(2, N + 1), weights)])  # the blur's input
+  blur = jax.jit(lambda joints: [grid.gaussian_blur3(j) for j in joints])
+  otsu = jax.jit(lambda scores: [grid.otsu_keep(
       s.reshape(s.shape[0], -1)) for s in scores])
-
-  @jax.jit
-  def backoff_draw(keys, logits, ids, joints, keeps, divisors, u):
-    grids = []
-    for joint, keep, div in zip(joints, keeps, divisors):
-      flat = joint.reshape(joint.shape[0], -1)
-      grids.append(jnp.where(keep & (flat >= eps_b),
-                             flat / div.reshape(flat.shape), 0.0))
-    return ds.backoff_and_draw(keys, logits, temps[0], ids, grids, u,
-                               jnp.float32(eps_b), k=K, greedy=False,
-                               per_row=True)
+  grid_draw = jax.jit(lambda ids, probs, seen, weights, u:
+                      kernels.threshold_and_draw(
+                          ids, probs, seen, weights, jnp.float32(eps_b),
+                          jnp.float32(RP), u, blur=False, otsu=False,
+                          kernel="reference"))
 
   (ids, probs, seen), u = topk(keys, logits)
-  joints, divisors = grid_weights(ids, probs, seen, cooc)
-  scores = blur(joints)
-  keeps = otsu(scores)
+  weights = cooc_weights(ids, cooc)
+  joint_grids = joints(probs, weights)
+  scores = blur(joint_grids)
   return {
       "topk": _median_ms(lambda: topk(keys, logits), repeats),
-      "grid_weights": _median_ms(lambda: grid_weights(ids, probs, seen, cooc),
-                                 repeats),
-      "blur": _median_ms(lambda: blur(joints), repeats),
+      "cooc_weights": _median_ms(lambda: cooc_weights(ids, cooc), repeats),
+      "blur": _median_ms(lambda: blur(joint_grids), repeats),
       "otsu": _median_ms(lambda: otsu(scores), repeats),
-      "backoff_draw": _median_ms(lambda: backoff_draw(
-          keys, logits, ids, joints, keeps, divisors, u), repeats),
+      "grid_draw": _median_ms(lambda: grid_draw(ids, probs, seen, weights,
+                                                u), repeats),
   }
 
 

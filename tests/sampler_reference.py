@@ -1,12 +1,13 @@
-"""Brute-force numpy DynaMo sampler, the reference for dynamo_sampler.
+"""Brute-force numpy DynaMo sampler, the reference for dynamo_sampler and
+for kernels.threshold_and_draw.
 
 Written independently of the jnp version: Python loops over rows and orders,
 every grid built entry by entry with itertools.product, the blur as a full
 3^m stencil (not separable), Otsu by its textbook definition (class weights
 and means for every split), the draw as a flat float64 cumsum. Same
-decisions as dynamo_jax/decoding/dynamo_sampler.py and sampler_grid.py; the
-random inputs come in as numbers (`u_B` for tuples, `ar_token_B` for order
-1), so both sides make the same draw.
+decisions as dynamo_jax/decoding/dynamo_sampler.py and dynamo_jax/ops/grid.py;
+the random inputs come in as numbers (`u_B` for tuples, `ar_token_B` for
+order 1), so both sides make the same draw.
 """
 
 from __future__ import annotations
@@ -87,17 +88,21 @@ def _otsu_keep(score):
   return (bins >= best_split).reshape(score.shape)
 
 
-def _order_grid(heads, m, k, tables, seen, *, alpha, eps_b, blur, otsu,
+def _order_grid(probs, weight, repeats, m, k, *, eps_b, blur, otsu,
                 repetition_penalty):
-  """Final (thresholded, penalised, unnormalised) grid of order m, [k]*m."""
+  """Final (thresholded, penalised, unnormalised) grid of order m, [k]*m.
+
+  probs: per head 1..m, its [k] top-k marginal. weight(cell): the cell's
+  co-occurrence weight, or weight None for none. repeats(cell): how many of
+  the cell's positions hold a token of the history.
+  """
   joint = np.zeros((k,) * m)
   for cell in itertools.product(range(k), repeat=m):
     p = 1.0
     for i, c in enumerate(cell):
-      p *= heads[i][1][c]
-    if tables is not None:
-      p *= _weight(tables, tuple(int(heads[i][0][c])
-                                 for i, c in enumerate(cell)), alpha)
+      p *= probs[i][c]
+    if weight is not None:
+      p *= weight(cell)
     joint[cell] = p
   if joint.sum() > 0:
     joint /= joint.sum()
@@ -106,8 +111,7 @@ def _order_grid(heads, m, k, tables, seen, *, alpha, eps_b, blur, otsu,
     keep = _otsu_keep(_blur(joint) if blur else joint)
   joint = np.where(keep & (joint >= eps_b), joint, 0.0)
   for cell in itertools.product(range(k), repeat=m):
-    repeats = sum(int(heads[i][0][c]) in seen for i, c in enumerate(cell))
-    joint[cell] /= repetition_penalty ** repeats
+    joint[cell] /= repetition_penalty ** repeats(cell)
   return joint
 
 
@@ -139,8 +143,14 @@ def reference_sample(logits_BxNxV, history_BxH, history_len_B, tables, *,
   for row in range(b):
     seen = set(int(t) for t in history_BxH[row][:history_len_B[row]])
     heads = [_topk(logits_BxNxV[row, i], k, temps[i]) for i in range(n)]
+    tokens_of = lambda cell, h=heads: tuple(int(h[i][0][c])
+                                            for i, c in enumerate(cell))
+    weight = None
+    if use_tables is not None:
+      weight = lambda cell, t=tokens_of: _weight(use_tables, t(cell), alpha)
+    repeats = lambda cell, t=tokens_of, s=seen: sum(x in s for x in t(cell))
     for m in range(n, 1, -1):
-      grid = _order_grid(heads, m, k, use_tables, seen, alpha=alpha,
+      grid = _order_grid([h[1] for h in heads], weight, repeats, m, k,
                          eps_b=eps_b, blur=blur, otsu=otsu,
                          repetition_penalty=repetition_penalty)
       if np.any(grid > eps_b ** (m - 1)):
@@ -156,3 +166,41 @@ def reference_sample(logits_BxNxV, history_BxH, history_len_B, tables, *,
     ms.append(m)
     probs.append(prob)
   return np.array(ms), tokens, np.array(probs)
+
+
+def reference_orders(ids_BxNxK, probs_BxNxK, seen_BxNxK, weights, eps_b,
+                     repetition_penalty, u_B, *, blur=True, otsu=True,
+                     greedy=False):
+  """Orders 2..N from given top-k marginals, as kernels.threshold_and_draw
+  returns them: (m [B], 1 where no order passes; tokens [B, N] and
+  joint_prob [B], 0 where m = 1; passed [B, N], col 0 True; peak [B, N],
+  col 0 zero).
+
+  seen_BxNxK: the id is in the row's history. weights: per order 2..N,
+  None or a dense [B, K, ..., K] grid of co-occurrence weights.
+  """
+  ids, probs, seen = (np.asarray(x) for x in (ids_BxNxK, probs_BxNxK,
+                                               seen_BxNxK))
+  b, n, k = ids.shape
+  ms, tokens = np.ones(b, np.int64), np.zeros((b, n), np.int64)
+  joint_prob, peak = np.zeros(b), np.zeros((b, n))
+  passed = np.zeros((b, n), bool)
+  passed[:, 0] = True
+  for row in range(b):
+    repeats = lambda cell, r=row: sum(bool(seen[r, i, c])
+                                      for i, c in enumerate(cell))
+    for m, w in zip(range(2, n + 1), weights):
+      weight = None
+      if w is not None:
+        w_row = np.asarray(w[row], np.float64)
+        weight = lambda cell, w_row=w_row: w_row[cell]
+      grid = _order_grid(probs[row, :m].astype(np.float64), weight, repeats,
+                         m, k, eps_b=float(eps_b), blur=blur, otsu=otsu,
+                         repetition_penalty=float(repetition_penalty))
+      peak[row, m - 1] = grid.max()
+      passed[row, m - 1] = grid.max() > float(eps_b) ** (m - 1)
+      if passed[row, m - 1]:  # the largest passing order wins
+        cell, joint_prob[row] = _draw(grid, u_B[row], greedy)
+        ms[row] = m
+        tokens[row, :m] = [ids[row, i, c] for i, c in enumerate(cell)]
+  return ms, tokens, joint_prob, passed, peak

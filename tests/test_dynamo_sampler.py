@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynamo_jax.decoding import sampler_grid, sampler_topk
+from dynamo_jax.decoding import sampler_topk
 from dynamo_jax.decoding.dynamo_sampler import STATIC_ARGNAMES, dynamo_sample
 from dynamo_jax.decoding.sampling import sample_tokens
 from dynamo_jax.errors import InputError
+from dynamo_jax.ops import grid
 from tests import sampler_reference
 
 PROB_TOL = 1e-6
@@ -294,16 +295,16 @@ def test_runs_inside_an_outer_jit_with_everything_traced():
 
 def test_blur_and_otsu_pieces_match_reference():
   rng = np.random.RandomState(12)
-  grid = rng.rand(1, 6, 6, 6).astype(np.float32) ** 4
-  np.testing.assert_allclose(sampler_grid.gaussian_blur3(jnp.asarray(grid))[0],
-                             sampler_reference._blur(grid[0].astype(float)),
+  cube = rng.rand(1, 6, 6, 6).astype(np.float32) ** 4
+  np.testing.assert_allclose(grid.gaussian_blur3(jnp.asarray(cube))[0],
+                             sampler_reference._blur(cube[0].astype(float)),
                              rtol=1e-6)
   # Rows: a skewed grid, a constant one (no split: keep all), two values,
   # a grid with an empty gap in the middle of its histogram.
-  rows = np.stack([grid.ravel(), np.full(216, 0.3), np.arange(216) % 2,
+  rows = np.stack([cube.ravel(), np.full(216, 0.3), np.arange(216) % 2,
                    np.where(np.arange(216) < 100, rng.rand(216) * 0.1,
                             0.9 + rng.rand(216) * 0.1)]).astype(np.float32)
-  got = sampler_grid.otsu_keep(jnp.asarray(rows))
+  got = grid.otsu_keep(jnp.asarray(rows))
   for row, keep in zip(rows, np.asarray(got)):
     np.testing.assert_array_equal(
         keep, sampler_reference._otsu_keep(row.astype(np.float64)))

@@ -5,13 +5,14 @@ tokens for each batch row. It is jitted with static shapes: the back-off over
 m = n..1 cannot branch on traced values, so every order's grid (k^n, ...,
 k^2) is built and each row takes the largest m whose grid passes, so rows in
 a batch get their own m. Order 1 is plain autoregressive sampling of head 1.
-The grid steps live in `sampler_grid.py` (the reference of a later kernel).
+Orders >= 2 (steps 3-8) are `kernels.threshold_and_draw`: the Pallas kernel,
+or with kernel="reference" its jnp reference built from `ops/grid.py`.
 
 Shape letters: B batch, N heads (in `tokens_BxN` and the per-order debug
 arrays, N is the order n asked for, <= the heads in the logits), V vocab,
 K top-k, M current order, H history length, E = K^M grid entries.
 
-Decisions where the paper is silent (see also sampler_grid.py):
+Decisions where the paper is silent (see also ops/grid.py):
   * Top-k is taken on the raw logits (temperature > 0 keeps the order) and
     each head's k values are renormalised: softmax(top_k_logits / T). Since J
     is renormalised after the co-occurrence weighting anyway, renormalising
@@ -58,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamo_jax import kernels
-from dynamo_jax.decoding import sampler_grid, sampler_topk
+from dynamo_jax.decoding import sampler_topk
 from dynamo_jax.errors import InputError
 
 
@@ -109,17 +110,6 @@ def topk_marginals(logits_BxNxV: jax.Array, temperature_N: jax.Array,
       True, mode="drop")
   seen_BxNxK = jax.vmap(lambda s_V, i_NxK: s_V[i_NxK])(seen_BxV, ids_BxNxK)
   return ids_BxNxK.astype(jnp.int32), probs_BxNxK, seen_BxNxK
-
-
-def penalty_divisor(seen_BxMxK: jax.Array, repetition_penalty) -> jax.Array:
-  """[B, K, ..., K]: repetition_penalty ** (positions whose token is seen)."""
-  b, m, k = seen_BxMxK.shape
-  div_BxMxK = jnp.where(seen_BxMxK, repetition_penalty, 1.0).astype(
-      jnp.float32)
-  div = div_BxMxK[:, 0]
-  for i in range(1, m):
-    div = div[..., None] * div_BxMxK[:, i].reshape((b,) + (1,) * i + (k,))
-  return div
 
 
 def _first_argmax(x_BxV: jax.Array) -> jax.Array:
@@ -198,54 +188,6 @@ def order_weights(ids_BxNxK, cooc, *, n, k, alpha, use_cooc):
   return out
 
 
-def order_grids(ids_BxNxK, probs_BxNxK, seen_BxNxK, cooc, eps_b,
-                repetition_penalty, *, n, k, alpha, use_cooc, blur, otsu):
-  """Steps 3-6 for orders m = 2..n: a list of final grids [B, K^m]
-  (thresholded, penalised, not renormalised)."""
-  grids = []
-  all_weights = order_weights(ids_BxNxK, cooc, n=n, k=k, alpha=alpha,
-                              use_cooc=use_cooc)
-  for m, weights in zip(range(2, n + 1), all_weights):
-    joint = sampler_grid.joint_grid(probs_BxNxK[:, :m], weights)
-    divisor = penalty_divisor(seen_BxNxK[:, :m], repetition_penalty)
-    grids.append(sampler_grid.threshold_grid(joint, divisor, eps_b, blur=blur,
-                                             otsu=otsu))
-  return grids
-
-
-def backoff_and_draw(keys, logits_BxNxV, temperature, ids_BxNxK, grids, u_B,
-                     eps_b, *, k, greedy, per_row):
-  """Steps 7-8: each row's largest passing order, its draw, and order 1
-  (plain AR on head 1's logits) where no order passes.
-
-  Returns (m_B, tokens_BxN, joint_prob_B, passed_BxN, peak_BxN).
-  """
-  b, n = ids_BxNxK.shape[0], len(grids) + 1
-  passed = [jnp.ones((b,), jnp.bool_)]
-  peaks = [jnp.zeros((b,), jnp.float32)]
-  tuples, probs = [], []
-  for m, grid_BxE in enumerate(grids, start=2):
-    peak_B = jnp.max(grid_BxE, axis=1)
-    passed.append(peak_B > eps_b ** (m - 1))
-    peaks.append(peak_B)
-    flat_B, prob_B = sampler_grid.draw_index(grid_BxE, u_B, k=k, greedy=greedy)
-    tuples.append(sampler_grid.flat_to_tuple(flat_B, ids_BxNxK, m=m, k=k,
-                                             n=n))
-    probs.append(prob_B)
-  passed_BxN = jnp.stack(passed, axis=1)
-  m_B = jnp.max(jnp.where(passed_BxN, jnp.arange(1, n + 1), 1), axis=1)
-  m_B = m_B.astype(jnp.int32)
-
-  ar_token_B, joint_prob_B = order1_where_needed(
-      keys, logits_BxNxV, temperature, m_B == 1, greedy=greedy,
-      per_row=per_row)
-  tokens_BxN = jnp.zeros((b, n), jnp.int32).at[:, 0].set(ar_token_B)
-  for m, tuple_BxN, prob_B in zip(range(2, n + 1), tuples, probs):
-    tokens_BxN = jnp.where((m_B == m)[:, None], tuple_BxN, tokens_BxN)
-    joint_prob_B = jnp.where(m_B == m, prob_B, joint_prob_B)
-  return m_B, tokens_BxN, joint_prob_B, passed_BxN, jnp.stack(peaks, axis=1)
-
-
 def add_order1(keys, logits_BxNxV, temperature, draws, *, greedy, per_row):
   """Rows where no order >= 2 passed (m = 1) get plain AR on head 1."""
   one_B = draws.m_B == 1
@@ -264,23 +206,14 @@ def _sample_core(keys, logits_BxNxV, history_BxH, history_len_B, cooc,
   ids_BxNxK, probs_BxNxK, seen_BxNxK = topk_marginals(
       logits_BxNxV[:, :n], temperature_N, history_BxH, history_len_B, k=k)
   u_B = tuple_uniforms(keys, logits_BxNxV.shape[0], per_row=per_row)
-  if kernel == "reference":
-    grids = order_grids(ids_BxNxK, probs_BxNxK, seen_BxNxK, cooc, eps_b,
-                        repetition_penalty, n=n, k=k, alpha=alpha,
-                        use_cooc=use_cooc, blur=blur, otsu=otsu)
-    m_B, tokens_BxN, joint_prob_B, passed_BxN, peak_BxN = backoff_and_draw(
-        keys, logits_BxNxV, temperature_N[0], ids_BxNxK, grids, u_B,
-        eps_b, k=k, greedy=greedy, per_row=per_row)
-  else:
-    weights = order_weights(ids_BxNxK, cooc, n=n, k=k, alpha=alpha,
-                            use_cooc=use_cooc)
-    draws = kernels.threshold_and_draw(
-        ids_BxNxK, probs_BxNxK, seen_BxNxK, weights, eps_b,
-        repetition_penalty, u_B, blur=blur, otsu=otsu, greedy=greedy,
-        kernel=kernel)
-    m_B, tokens_BxN, joint_prob_B, passed_BxN, peak_BxN = add_order1(
-        keys, logits_BxNxV, temperature_N[0], draws, greedy=greedy,
-        per_row=per_row)
+  weights = order_weights(ids_BxNxK, cooc, n=n, k=k, alpha=alpha,
+                          use_cooc=use_cooc)
+  draws = kernels.threshold_and_draw(
+      ids_BxNxK, probs_BxNxK, seen_BxNxK, weights, eps_b, repetition_penalty,
+      u_B, blur=blur, otsu=otsu, greedy=greedy, kernel=kernel)
+  m_B, tokens_BxN, joint_prob_B, passed_BxN, peak_BxN = add_order1(
+      keys, logits_BxNxV, temperature_N[0], draws, greedy=greedy,
+      per_row=per_row)
   return SampleResult(m_B=m_B, tokens_BxN=tokens_BxN,
                       joint_prob_B=joint_prob_B, passed_BxN=passed_BxN,
                       peak_BxN=peak_BxN, topk_ids_BxNxK=ids_BxNxK,
@@ -401,7 +334,7 @@ def dynamo_sample(key, logits_BxNxV, history_BxH, history_len_B, cooc, *,
       Otsu, and Otsu's threshold.
     repetition_penalty: >= 1; 1 disables it.
     greedy: argmax instead of sampling (orders >= 2 and order 1 alike).
-    kernel: "reference" (the jnp grid steps in sampler_grid.py) or "pallas"
+    kernel: "reference" (the jnp grid steps of ops/grid.py) or "pallas"
       (the fused kernel in dynamo_jax/kernels; interpreted on CPU).
 
   Returns:
@@ -416,7 +349,8 @@ def dynamo_sample(key, logits_BxNxV, history_BxH, history_len_B, cooc, *,
                 use_cooc=use_cooc, repetition_penalty=repetition_penalty)
   b, heads, _ = np.shape(logits_BxNxV)
   if kernel not in kernels.KERNELS:
-    raise InputError(f"kernel {kernel!r} unknown; available: {kernels.KERNELS}.")
+    raise InputError(f"kernel {kernel!r} unknown; available: "
+                     f"{kernels.KERNELS}.")
   per_row = _check_key(key, b)
   # numpy when concrete: each eager jnp op here would cost a dispatch.
   xp = np if _concrete(temperature) is not None else jnp

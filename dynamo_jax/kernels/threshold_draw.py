@@ -1,18 +1,19 @@
 """Every order's grid step and the back-off (Algorithm 1, steps 3-8 for
-orders m >= 2), by the Pallas kernel or by the jnp reference.
+orders m >= 2), by the Pallas kernel or by its jnp reference.
 
-`threshold_and_draw` is what the decode step calls between the top-k
-marginals and the order-1 (plain AR) draw: for m = 2..n it builds, masks,
-thresholds and draws from each order's grid (`dynamo_grid`), applies the
-back-off test peak > eps_b^(m-1), and maps the chosen entry to tokens, as
-dynamo_sampler.backoff_and_draw does for orders >= 2. Rows where no order
-passes get m = 1 and are left to the caller's plain AR draw.
+`threshold_and_draw` is what the sampler (dynamo_sampler) calls between the
+top-k marginals and the order-1 (plain AR) draw: for m = 2..n it builds,
+masks, thresholds and draws from each order's grid (one call of the
+one-order op per order), applies the back-off test peak > eps_b^(m-1), and
+maps the chosen entry to tokens. Rows where no order passes get m = 1 and
+are left to the caller's plain AR draw.
 
-Kernel choice is explicit and fails loudly: kernel="reference" is the jnp
-sampler (sampler_grid), kernel="pallas" the fused kernel, compiled on a TPU
-(Mosaic) or a GPU (Triton) and run in interpret mode on CPU. A request the
-machine cannot honour is an InputError, never a quiet switch to the
-reference.
+Kernel choice is explicit and fails loudly: kernel="reference" is the
+one-order op's jnp reference (`ops.grid.grid_threshold_draw_reference`),
+kernel="pallas" the fused kernel (`dynamo_grid.grid_threshold_draw`),
+compiled on a TPU (Mosaic) or a GPU (Triton) and run in interpret mode on
+CPU. A request the machine cannot honour is an InputError, never a quiet
+switch to the reference.
 
 Shape letters: B batch, N largest order (heads), K top-k.
 """
@@ -25,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from dynamo_jax.errors import InputError
-from dynamo_jax.decoding import sampler_grid
 from dynamo_jax.kernels import dynamo_grid
+from dynamo_jax.ops import grid
 
 KERNELS = ("reference", "pallas")
 # jax.default_backend() -> the kernel backend that compiles there.
@@ -62,7 +63,7 @@ def resolve_backend(backend: str | None, interpret):
   if interpret is None:
     if backend is None:
       return None, None
-    if native is None:  # CPU: interpret mode, by the issue's contract
+    if native is None:  # CPU: the kernel only runs in interpret mode
       return backend, True
     if backend != native:
       raise InputError(
@@ -100,7 +101,7 @@ def _check(ids_BxNxK, probs_BxNxK, seen_BxNxK, weights, u_B, kernel):
     if w is not None and tuple(w.shape) != (b,) + (k,) * m:
       raise InputError(f"weights of order {m} must be {(b,) + (k,) * m}, got "
                        f"{tuple(w.shape)}.")
-  if k ** n >= 1 << 24:
+  if kernel == "pallas" and k ** n >= 1 << 24:
     raise InputError(f"K^N = {k}^{n} entries per grid is too large for the "
                      "kernel's float32 counts (< 2^24).")
 
@@ -124,8 +125,9 @@ def threshold_and_draw(ids_BxNxK: jax.Array, probs_BxNxK: jax.Array,
     eps_b: float32 [], the back-off threshold.
     repetition_penalty: float32 [], >= 1.
     u_B: float32 [B], the uniform each row's tuple draw inverts the CDF with.
-    blur, otsu, greedy: Algorithm 1's switches (see sampler_grid).
-    kernel: "pallas" (the fused kernel) or "reference" (sampler_grid).
+    blur, otsu, greedy: Algorithm 1's switches (see ops.grid).
+    kernel: "pallas" (the fused kernel) or "reference" (its jnp reference,
+      ops.grid.grid_threshold_draw_reference).
     interpret: Pallas only. None: compiled on TPU/GPU, interpret mode on
       CPU (with backend None, decided when lowering, so jax.export for
       "tpu" or "cuda" gets the compiled kernel); True: interpret mode (TPU
@@ -147,7 +149,7 @@ def threshold_and_draw(ids_BxNxK: jax.Array, probs_BxNxK: jax.Array,
   b, n, k = ids_BxNxK.shape
   eps_b = jnp.asarray(eps_b, jnp.float32)
   u_B = jnp.asarray(u_B, jnp.float32)
-  # dynamo_sampler.penalty_divisor's per-head factors.
+  # Per-head penalty factors; the op multiplies them out over the grid.
   div_BxNxK = jnp.where(seen_BxNxK, repetition_penalty, 1.0).astype(
       jnp.float32)
   if kernel == "pallas":
@@ -166,25 +168,24 @@ def threshold_and_draw(ids_BxNxK: jax.Array, probs_BxNxK: jax.Array,
           default=lambda: run("triton", True))
   else:
     def order(probs, w, div):
-      return dynamo_grid.grid_threshold_draw_reference(
+      return grid.grid_threshold_draw_reference(
           probs, w, div, u_B, eps_b, blur=blur, otsu=otsu, greedy=greedy)
 
   passed = [jnp.ones((b,), jnp.bool_)]
   peaks = [jnp.zeros((b,), jnp.float32)]
-  tuples, probs = [], []
+  tuples, tuple_probs = [], []
   for m, w in zip(range(2, n + 1), weights):
     flat_B, prob_B, peak_B = order(probs_BxNxK[:, :m], w, div_BxNxK[:, :m])
     passed.append(peak_B > eps_b ** (m - 1))
     peaks.append(peak_B)
-    tuples.append(sampler_grid.flat_to_tuple(flat_B, ids_BxNxK, m=m, k=k,
-                                             n=n))
-    probs.append(prob_B)
+    tuples.append(grid.flat_to_tuple(flat_B, ids_BxNxK, m=m, k=k, n=n))
+    tuple_probs.append(prob_B)
   passed_BxN = jnp.stack(passed, axis=1)
   m_B = jnp.max(jnp.where(passed_BxN, jnp.arange(1, n + 1), 1),
                 axis=1).astype(jnp.int32)
   tokens_BxN = jnp.zeros((b, n), jnp.int32)
   joint_prob_B = jnp.zeros((b,), jnp.float32)
-  for m, tuple_BxN, prob_B in zip(range(2, n + 1), tuples, probs):
+  for m, tuple_BxN, prob_B in zip(range(2, n + 1), tuples, tuple_probs):
     tokens_BxN = jnp.where((m_B == m)[:, None], tuple_BxN, tokens_BxN)
     joint_prob_B = jnp.where(m_B == m, prob_B, joint_prob_B)
   return GridDraws(m_B=m_B, tokens_BxN=tokens_BxN.astype(jnp.int32),

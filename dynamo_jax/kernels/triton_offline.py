@@ -5,7 +5,7 @@ Triton's own compiler (layouts, registers, shared memory) runs later, inside
 XLA on a GPU. This tool goes one step further without a GPU: it captures the
 Triton IR of every `grid_threshold_draw` variant and compiles it to a cubin
 with a pip `triton` for sm_90, reporting ptxas's registers, spills and the
-kernel's shared memory. Used to choose dynamo_grid.TRITON_* and to catch IR
+kernel's shared memory. Used to choose layout.TRITON_* and to catch IR
 that Triton rejects.
 
 Two steps, since the project's venv has no `triton` (and the compile step
@@ -43,7 +43,8 @@ def dump(out_dir: str) -> list[str]:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jax._src.pallas.triton import (  # pylint: disable=import-outside-toplevel
       pallas_call_registration as registration)
-  from dynamo_jax.kernels import dynamo_grid  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from dynamo_jax.kernels import dynamo_grid, layout
 
   captured = []
   lower = registration.lowering.lower_jaxpr_to_triton_module
@@ -73,10 +74,10 @@ def dump(out_dir: str) -> list[str]:
       with open(path, "w") as f:
         f.write(captured[-1])
       with open(os.path.join(out_dir, name + ".json"), "w") as f:
-        json.dump({"num_warps": dynamo_grid.TRITON_NUM_WARPS,
-                   "num_stages": dynamo_grid.TRITON_NUM_STAGES,
-                   "block_rows": dynamo_grid.TRITON_BLOCK_ROWS,
-                   "hist_entries": dynamo_grid.TRITON_HIST_ENTRIES}, f)
+        json.dump({"num_warps": layout.TRITON_NUM_WARPS,
+                   "num_stages": layout.TRITON_NUM_STAGES,
+                   "block_rows": layout.TRITON_BLOCK_ROWS,
+                   "hist_entries": layout.TRITON_HIST_ENTRIES}, f)
       paths.append(path)
   finally:
     registration.lowering.lower_jaxpr_to_triton_module = lower

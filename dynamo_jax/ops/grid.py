@@ -2,8 +2,9 @@
 
 These are the "masking and thresholding" steps of Algorithm 1 (DYNAMO.md
 section 3, steps 3-6 and 8) as pure jnp functions of arrays with static
-shapes. They are the reference for a later Pallas kernel, so they take and
-return plain arrays and hold no Python control flow on traced values.
+shapes, and `grid_threshold_draw_reference`, the one-order op they make up:
+the decode step's reference path and the jnp reference of the Pallas kernel
+(dynamo_jax/kernels). No Python control flow on traced values.
 
 Shape letters: B batch, M order of the grid (heads 1..M), K top-k, E = K^M
 entries of one grid, R = K^(M-1) rows of K entries, NB histogram bins.
@@ -46,14 +47,23 @@ OTSU_BINS = 256
 BLUR_TAPS = (0.25, 0.5, 0.25)
 
 
+def outer_product(f_BxMxK: jax.Array) -> jax.Array:
+  """[B, K, ..., K] (M axes): entry (i_1..i_M) = prod_j f[:, j, i_j],
+  multiplied left to right (the joint, the penalty divisor and the kernel's
+  inputs all round the same way)."""
+  b, m, k = f_BxMxK.shape
+  out = f_BxMxK[:, 0]
+  for i in range(1, m):
+    out = out[..., None] * f_BxMxK[:, i].reshape((b,) + (1,) * i + (k,))
+  return out
+
+
 def joint_grid(probs_BxMxK: jax.Array, weights=None) -> jax.Array:
   """Normalised joint J [B, K, ..., K] (M axes): outer product of the M
   marginals, times the co-occurrence `weights` [B, K, ..., K] when given,
   renormalised to sum 1 per row (all-zero rows stay zero)."""
-  b, m, k = probs_BxMxK.shape
-  joint = probs_BxMxK[:, 0]
-  for i in range(1, m):
-    joint = joint[..., None] * probs_BxMxK[:, i].reshape((b,) + (1,) * i + (k,))
+  b, m, _ = probs_BxMxK.shape
+  joint = outer_product(probs_BxMxK)
   if weights is not None:
     joint = joint * weights
   total_B = jnp.sum(joint.reshape(b, -1), axis=1)
@@ -196,3 +206,34 @@ def flat_to_tuple(flat_B: jax.Array, ids_BxNxK: jax.Array, *, m: int, k: int,
   tuple_BxM = jnp.take_along_axis(ids_BxNxK[:, :m], pos_BxM[..., None],
                                   axis=2)[..., 0]
   return jnp.pad(tuple_BxM, ((0, 0), (0, n - m)))
+
+
+def grid_threshold_draw_reference(probs_BxMxK: jax.Array, weights,
+                                  div_BxMxK: jax.Array, u_B: jax.Array,
+                                  eps_b: jax.Array, *, blur: bool = True,
+                                  otsu: bool = True, greedy: bool = False):
+  """Steps 3-6 and 8 for one order M >= 2: the jnp reference of
+  dynamo_jax.kernels.grid_threshold_draw (same arguments less the backend
+  options, same returns).
+
+  Args:
+    probs_BxMxK: float32 [B, M, K], heads 1..M's top-k marginals.
+    weights: None or float32 [B, K, ..., K] (M axes), co-occurrence weights.
+    div_BxMxK: float32 [B, M, K], each head's repetition-penalty factor
+      (repetition_penalty where the token was seen, else 1).
+    u_B: float32 [B], the uniform of each row's draw (ignored if greedy).
+    eps_b: float32 [].
+    blur, otsu, greedy: as threshold_grid / draw_index.
+
+  Returns:
+    (flat_B int32: C-order index of the drawn entry, prob_B float32: its
+    probability under the final grid, peak_B float32: the final grid's
+    largest entry, which the back-off tests).
+  """
+  k = probs_BxMxK.shape[2]
+  weights = None if weights is None else weights.astype(jnp.float32)
+  joint = joint_grid(probs_BxMxK, weights)
+  divisor = outer_product(div_BxMxK.astype(jnp.float32))
+  grid_BxE = threshold_grid(joint, divisor, eps_b, blur=blur, otsu=otsu)
+  flat_B, prob_B = draw_index(grid_BxE, u_B, k=k, greedy=greedy)
+  return flat_B, prob_B, jnp.max(grid_BxE, axis=1)

@@ -50,7 +50,9 @@ def _grid_kernel(params_ref,  # [1, 128] f32: lane 0 u, lane 1 eps_b
   if has_weights:
     w_ref, *refs = refs
   idx_ref, val_ref, score_ref, final_ref = refs
-  row = passes.RowRefs(layout, plead_ref, plast_ref, w_ref, flags_ref)
+  lane_1xC = jax.lax.broadcasted_iota(jnp.int32, (1, layout.lanes), 1)
+  row = passes.RowRefs(layout, plead_ref, plast_ref, w_ref, flags_ref,
+                       lane_ok=lane_1xC < layout.k)
   params_1xL = params_ref[...]
   lane_1xL = jax.lax.broadcasted_iota(jnp.int32, (1, _LANES), 1)
   pick = lambda x, i: jnp.sum(jnp.where(lane_1xL == i, x, 0), axis=1,

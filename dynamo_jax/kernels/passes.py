@@ -30,6 +30,7 @@ class RowRefs(NamedTuple):
   plast_ref: Any  # [1, Cp] f32: head M's marginal
   w_ref: Any      # [Rt, Cp] f32 co-occurrence weights, or None
   flags_ref: Any  # [Rp, 1] int32: layout.row_flags
+  lane_ok: Any    # [1, Cp] bool: a real lane (< K), built once per program
 
   def block(self, t):
     """The TR rows of block t."""
@@ -46,8 +47,7 @@ class RowRefs(NamedTuple):
 
   def valid(self, flags):
     """bool [rows, Cp]: real grid entries, given the rows' flags."""
-    lane_1xC = jax.lax.broadcasted_iota(jnp.int32, (1, self.lay.lanes), 1)
-    return ((flags & VALID) != 0) & (lane_1xC < self.lay.k)
+    return ((flags & VALID) != 0) & self.lane_ok
 
 
 def joint_scale(row: RowRefs):

@@ -60,8 +60,6 @@ class CoocTable:
   min_count: int = 1
   vocab_hash: str | None = None
   corpus: str = ""
-  _device: dict = dataclasses.field(default_factory=dict, init=False,
-                                    repr=False)
 
   @property
   def total_tokens(self) -> int:
@@ -96,16 +94,6 @@ class CoocTable:
     """`check_compatible(self, **kwargs)`: vocab_hash, vocab_size,
     num_heads."""
     check_compatible(self, **kwargs)
-
-  def device_table(self, max_order: int | None = None):
-    """A `lookup.DeviceTable` of this table, built on first use and cached
-    (building takes seconds for millions of n-grams)."""
-    if max_order not in self._device:
-      # pylint: disable-next=import-outside-toplevel
-      from dynamo_jax.cooc import lookup  # it imports this module
-      self._device[max_order] = lookup.DeviceTable(
-          lookup.to_device(self, max_order))
-    return self._device[max_order]
 
   def metadata(self) -> dict[str, Any]:
     return {

@@ -10,6 +10,8 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from dynamo_jax.cooc import lookup
+from dynamo_jax.cooc.table import CoocTable
 from dynamo_jax.decoding.ar import generate_ar
 from dynamo_jax.decoding.dynamo import SamplerSettings, generate_dynamo
 from dynamo_jax.decoding.sampling import row_keys
@@ -96,13 +98,11 @@ def _seed(seed, batch: int):
 
 
 def _check_cooc(config, mode, cooc) -> None:
-  from dynamo_jax.cooc import CoocTable  # pylint: disable=import-outside-toplevel
   if cooc is None:
     return
   # Besides a CoocTable: anything with the sampler's interface (a
   # DeviceTable, a test double with grid_weights(ids, alpha)).
-  if not (isinstance(cooc, CoocTable) or hasattr(cooc, "device_table")
-          or hasattr(cooc, "grid_weights")):
+  if not (isinstance(cooc, CoocTable) or hasattr(cooc, "grid_weights")):
     raise InputError(f"cooc must be None or a CoocTable (dynamo_jax.cooc.load,"
                      f" count_ngrams), got {type(cooc).__name__}.")
   if mode != "dynamo":
@@ -214,7 +214,8 @@ def generate(config: PythiaConfig, params: Params, input_ids, *,
                                use_cooc=bool(use_cooc), blur=bool(blur),
                                otsu=bool(otsu), greedy=bool(greedy),
                                kernel=kernel, exact_head1=bool(exact_head1))
-    table = cooc.device_table() if hasattr(cooc, "device_table") else cooc
+    table = (lookup.device_table(cooc) if isinstance(cooc, CoocTable)
+             else cooc)
     tokens, accepted, passes = generate_dynamo(
         config, params, prompt, keys, table, temp, jnp.float32(eps_b),
         jnp.float32(repetition_penalty), max_new_tokens=max_new,

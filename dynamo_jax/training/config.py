@@ -1,8 +1,7 @@
 """Typed, frozen training configs, loaded from JSON with key=value overrides.
 
-A config file (experiments/configs/NAME.json) holds the sections below; any
-key it omits takes the default here. Unknown keys are errors naming the key.
-
+A config file (experiments/configs/NAME.json) holds the sections below; a
+key it omits takes the default here, an unknown key is an error naming it.
 Every value is checked when a section is built (`__post_init__`), before any
 work starts: its type from the field's annotation (ints are ints, not bools
 or floats; floats are finite numbers, ints allowed; `X | None` also takes
@@ -29,8 +28,9 @@ from dynamo_jax.model.config import (DTYPES, HEAD_INPUTS, PythiaConfig,
                                      preset)
 from dynamo_jax.model.heads import HEAD_INITS
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "experiments",
-                          "configs")
+# Named configs: $DYNAMO_CONFIG_DIR, else the source checkout's (editable install).
+CONFIG_DIR = os.environ.get("DYNAMO_CONFIG_DIR") or os.path.normpath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "configs"))
 INT_MAX = 2**31 - 1   # steps and sizes become int32 on the device
 SEED_MAX = 2**32 - 1  # PRNGKey keeps 32 bits: larger or negative seeds alias
 
@@ -373,22 +373,23 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(name_or_path: str, overrides: list[str] = ()) -> TrainConfig:
-  """Loads experiments/configs/NAME.json (or a path) and applies overrides."""
-  path = name_or_path
+  """Loads a named config (CONFIG_DIR/NAME.json) or a JSON file's path, and
+  applies the key=value overrides."""
+  path = name_or_path if os.path.isfile(name_or_path) else os.path.join(
+      CONFIG_DIR, f"{name_or_path}.json")
   if not os.path.isfile(path):
-    path = os.path.join(CONFIG_DIR, f"{name_or_path}.json")
-  if not os.path.isfile(path):
-    known = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
+    known = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(
+        ".json")) if os.path.isdir(CONFIG_DIR) else "none: no folder there"
     raise ConfigError(f"no config {name_or_path!r}: not a file, and not one of "
-                      f"{known}.")
+                      f"the named configs in {CONFIG_DIR} ({known}); set "
+                      "DYNAMO_CONFIG_DIR or give a JSON file's path.")
   try:
     with open(path, encoding="utf-8") as fh:
       raw = json.load(fh)
   except ValueError as e:
     raise ConfigError(f"{path} is not valid JSON: {e}") from None
   if not isinstance(raw, dict):
-    raise ConfigError(f"{path} must hold a JSON object, got "
-                      f"{type(raw).__name__}.")
+    raise ConfigError(f"{path} must hold a JSON object, not {type(raw).__name__}.")
   raw.pop("description", None)
   for text in overrides:
     _set(raw, *parse_override(text))

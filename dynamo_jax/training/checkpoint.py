@@ -68,6 +68,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def should_save(self, step: int) -> bool:
+    """Whether `step` is one the save interval keeps."""
+    return self.manager.should_save(step)
+
   def save(self, step: int, state, data_state: dict, meta: dict, *,
            force: bool = False) -> bool:
     return self.manager.save(

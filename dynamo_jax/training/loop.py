@@ -222,7 +222,7 @@ def _train(cfg: TrainConfig, workdir: str, progress: bool,
           ckpt.wait()
         where["checkpoint"], saved_at = ckpt.latest_step(), None
       pending = (step, metrics)
-      if ckpt.manager.should_save(step) or step == cfg.steps:
+      if ckpt.should_save(step) or step == cfg.steps:
         last = log.finish(*pending)  # never save a state whose loss is unchecked
         pending = None
         with signals.deferred():

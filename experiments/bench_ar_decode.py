@@ -49,11 +49,8 @@ import numpy as np
 import torch
 import transformers
 
-# Runs as a plain script from anywhere; the package lives at the repo root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import dynamo_jax  # pylint: disable=wrong-import-position
-from dynamo_jax.model.config import PRESETS  # pylint: disable=wrong-import-position
+import dynamo_jax
+from dynamo_jax.model.config import PRESETS
 
 TARGET_RATIO = 1.5
 PROMPT_LEN = 16

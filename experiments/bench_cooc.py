@@ -37,10 +37,7 @@ import time
 
 import numpy as np
 
-# Runs as a plain script from anywhere; the package lives at the repo root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dynamo_jax import cooc  # pylint: disable=wrong-import-position
+from dynamo_jax import cooc
 
 VOCAB = 50304
 

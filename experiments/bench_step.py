@@ -6,7 +6,8 @@ wall time of one forward pass of
 
   * AR: a cached forward pass over 1 token per row (head 1 only, the base
     Pythia, no `heads_*` parameters) plus drawing one token per row, in one
-    jitted program: the body of `generate_ar`'s scan (decoding/ar.py);
+    jitted program: `ar_pass`, the body of `generate_ar`'s scan
+    (decoding/ar.py);
   * T3: one `decode_step` (decoding/dynamo.py) of a DynaMo-T3 model: a chunk
     of T = 3 tokens through the stem, head 1 and the two extra head layers,
     `last_only` unembedding of all heads, then the DynaMo sampler. Timed with
@@ -18,37 +19,30 @@ wall time of one forward pass of
     matmul for all heads (`t3_model_one_unembed`, the `exact_head1=False`
     option: what reading embed_out once instead of twice saves; by default
     head 1 keeps its own matmul so that it equals the base model bit for
-    bit), and the sampler alone
-    (`dynamo_sample` traced inside the jitted pass, so its host-side
-    argument checks run at trace time and never sync on device values).
+    bit), and the sampler alone (`sample_with_settings`, decoding/dynamo.py).
 
 and compares the AR pass with its HBM-bandwidth bound
 
   bound_seconds = (weight bytes read + KV-cache bytes read) / bandwidth,
 
 reporting fraction_of_bound = bound_seconds / measured_seconds (target >=
-0.8) and T3 step / AR step (target <= 1.10), the issue's GPU criteria.
+0.8) and T3 step / AR step (target <= 1.10), the GPU criteria.
 
-Decisions:
+Decisions (the programs and the byte accounting are
+dynamo_jax/evaluation/passes.py, whose docstring says what is counted; the
+timer is `measure` in dynamo_jax/evaluation/timing.py):
   * Weights are made on the device in the target dtype: `init_params` on a
     config whose param_dtype is that dtype is one jitted program whose
     outputs are the parameters, so pythia-6.9b in bf16 (~14 GB) never
     exists in float32 or on the host. The AR model is the same arrays minus
     the `heads_*` entries (a dict filter, no copy).
-  * Weight bytes count what a pass reads: every leaf's nbytes, except that
-    the input embedding is a gather of B x T rows, not a read of the whole
-    [V, D] table (~7% of pythia-1.4b). Counting the whole table would
-    inflate the bound; `*_all_leaves` figures give that variant too.
-  * KV bytes: `Attention` (model/layers.py) attends over the WHOLE cache
-    buffer (max_len slots) with a position mask; it does not slice to the
-    filled part. So KV bytes read = B x max_len x cache layers x 2 (k, v) x
-    hidden x itemsize, with cache layers = L for AR and L + 2 for T3. To
-    make max_len equal to what a length-aware attention would read, each
-    cache is allocated with max_len = context + T (T = 1 for AR, 3 for T3)
-    and every timed call starts with `end` = context (a fresh `end` array
-    is put into the threaded cache before each call, made outside the
-    timer): the context never grows and positions stay in range. The
-    cache content is zeros; timing does not depend on values.
+  * Attention reads the whole cache buffer, so each cache is allocated with
+    max_len = context + T (T = 1 for AR, 3 for T3) and every timed call
+    starts with `end` = context (a fresh `end` array is put into the
+    threaded cache before each call, made outside the timer): the context
+    never grows, positions stay in range, and the slots read are what a
+    length-aware attention would read. The cache content is zeros; timing
+    does not depend on values.
   * Caches are donated (as `ar_step` and a user's jitted `decode_step` do),
     so the returned cache is threaded into the next call.
   * Each program is compiled ahead of time (`jit(...).lower(...).compile()`,
@@ -59,13 +53,10 @@ Decisions:
     dispatched back to back, blocked once at the end, total / repeats (host
     dispatch overlaps device work, as in `generate`'s scan / while_loop,
     which have no dispatch at all). Fractions and ratios are given for both;
-    `targets_met` uses the median, as the issue states it.
-  * Bandwidth comes from dynamo_jax/evaluation/hardware.py (vendor peak
-    figures by `jax.devices()[0].device_kind`) or `--bandwidth-gbs`; for an unknown device (any
-    CPU) the bound is null with the reason, never a guess.
-  * XLA's own estimate of the bytes a compiled program touches
-    (`cost_analysis()["bytes accessed"]`, where the backend provides it) is
-    recorded as a cross-check of the hand count.
+    `targets_met` uses the median, as the targets are stated.
+  * Bandwidth: the vendor table or `--bandwidth-gbs`; for an unknown device
+    (any CPU) the bound is null with the reason, never a guess. XLA's
+    `cost_analysis()["bytes accessed"]` is recorded as a cross-check.
 
 Run on a lent GPU (defaults: pythia-1.4b and pythia-6.9b, bf16, batch 1 and
 8, context 512, 20 repeats):
@@ -90,28 +81,24 @@ import argparse
 import gc
 import importlib.metadata
 import json
-import os
 import sys
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Runs as a plain script from anywhere; the package lives at the repo root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# pylint: disable=wrong-import-position
-import flax
 from dynamo_jax.decoding.ar import pass_keys
-from dynamo_jax.decoding.dynamo import SamplerSettings, decode_step
-from dynamo_jax.decoding.dynamo_sampler import dynamo_sample
-from dynamo_jax.decoding.sampling import row_keys, sample_tokens
-from dynamo_jax.evaluation import hardware
+from dynamo_jax.decoding.dynamo import SamplerSettings
+from dynamo_jax.decoding.sampling import row_keys
+from dynamo_jax.evaluation.passes import (AR_PASS, MODEL_PASS, SAMPLER_PASS,
+                                          T3_PASS, ar_params, bound_seconds,
+                                          cost_bytes, device_bandwidth,
+                                          kv_bytes, weight_bytes)
+from dynamo_jax.evaluation.timing import measure
 from dynamo_jax.model.config import PRESETS, PythiaConfig, preset, tiny_config
-from dynamo_jax.model.pythia import (forward_cached, init_cache, init_params,
-                                     param_shapes)
-# pylint: enable=wrong-import-position
+from dynamo_jax.model.pythia import init_cache, init_params, param_shapes
 
 N_HEADS = 3  # DynaMo-T3
 TARGET_FRACTION = 0.8
@@ -122,160 +109,9 @@ HISTORY_LEN = 256  # tokens in the repetition-penalty history of a T3 pass
 SETTINGS = SamplerSettings()  # k = 50, reference grid code, as `generate`
 TINY = "tiny"  # hidden preset name: dynamo_jax.model.config.tiny_config()
 
-def device_bandwidth(kind: str, override_gbs: float | None):
-  """(GB/s or None, where it came from or why it is missing)."""
-  if override_gbs is not None:
-    return float(override_gbs), "--bandwidth-gbs"
-  gbs, entry = hardware.lookup(kind, hardware.BANDWIDTH_GBS,
-                               hardware.BANDWIDTH_EXACT_GBS)
-  if gbs is not None:
-    return gbs, f"table ({entry})"
-  return None, (f"device_kind {kind!r} is not in the bandwidth table; pass "
-                "--bandwidth-gbs to get a bound")
-
-
-# ---- the programs timed -------------------------------------------------------
-
-def _ar_pass(config, params, cache, tokens_Bx1, row_keys_Bx2, pass_index):
-  """One plain AR pass, as in generate_ar's scan body: feed 1 token per row,
-  draw the next one from head 1 at temperature 0.7."""
-  logits_Bx1xV, cache = forward_cached(config, params, cache, tokens_Bx1)
-  next_B = sample_tokens(pass_keys(row_keys_Bx2, pass_index),
-                         logits_Bx1xV[:, 0], greedy=False,
-                         temperature=jnp.float32(TEMPERATURE))
-  return next_B, cache
-
-
-def _t3_pass(config, params, cache, tokens_BxT, lengths_B, keys_Bx2,
-             history_BxH, history_len_B, eps_b):
-  """decode_step with no co-occurrence table; eps_b traced (one program
-  serves eps_b = 0 and 1)."""
-  return decode_step(config, params, cache, tokens_BxT, lengths_B, keys_Bx2,
-                     history_BxH, history_len_B, None,
-                     temperature=jnp.float32(TEMPERATURE), eps_b=eps_b,
-                     repetition_penalty=jnp.float32(REPETITION_PENALTY),
-                     settings=SETTINGS)
-
-
-def _t3_model(config, params, cache, tokens_BxT, lengths_B):
-  """The model part of decode_step: all heads' logits at the last valid
-  position."""
-  return forward_cached(config, params, cache, tokens_BxT, lengths_B,
-                        all_heads=True, last_only=True)
-
-
-def _t3_model_one_unembed(config, params, cache, tokens_BxT, lengths_B):
-  """The model part with ONE unembedding matmul for all heads
-  (`exact_head1=False`: embed_out read once, not twice; head 1 then equals
-  the base model up to rounding, not bit for bit)."""
-  return forward_cached(config, params, cache, tokens_BxT, lengths_B,
-                        all_heads=True, last_only=True, exact_head1=False)
-
-
-def _t3_sampler(keys_Bx2, logits_BxNxV, history_BxH, history_len_B, eps_b):
-  """The sampler part: `dynamo_sample` (per-row keys, temperature per head,
-  no table), traced into the caller's jit."""
-  temperature_N = jnp.full((N_HEADS,), TEMPERATURE, jnp.float32)
-  return dynamo_sample(
-      keys_Bx2, logits_BxNxV, history_BxH, history_len_B, None, n=N_HEADS,
-      k=SETTINGS.k, temperature=temperature_N, eps_b=eps_b,
-      alpha=SETTINGS.alpha, use_cooc=SETTINGS.use_cooc, blur=SETTINGS.blur,
-      otsu=SETTINGS.otsu, repetition_penalty=jnp.float32(REPETITION_PENALTY),
-      greedy=SETTINGS.greedy, kernel=SETTINGS.kernel)
-
-
-AR_PASS = jax.jit(_ar_pass, static_argnums=0, donate_argnums=2)
-T3_PASS = jax.jit(_t3_pass, static_argnums=0, donate_argnums=2)
-T3_MODEL = jax.jit(_t3_model, static_argnums=0, donate_argnums=2)
-T3_MODEL_ONE_UNEMBED = jax.jit(_t3_model_one_unembed, static_argnums=0,
-                               donate_argnums=2)
-T3_SAMPLER = jax.jit(_t3_sampler)
-
-
-# ---- byte counts --------------------------------------------------------------
-
-def _nbytes(tree) -> int:
-  return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(tree)))
-
-
-def ar_params(params):
-  """Head 1 alone: the same arrays without the extra token heads."""
-  return {k: v for k, v in params.items() if not k.startswith("heads_")}
-
-
-def weight_bytes(params, batch: int, chunk: int) -> dict[str, int]:
-  """Bytes of weights one pass reads: all leaves, except that only the
-  B x T gathered rows of the input embedding are read."""
-  every = _nbytes(params)
-  table = params["embed_in"]["embedding"]
-  rows = batch * chunk * table.shape[1] * np.dtype(table.dtype).itemsize
-  return {"read": every - _nbytes(table) + int(rows), "all_leaves": every}
-
-
-def kv_bytes(config: PythiaConfig, batch: int, slots: int, layers: int,
-             itemsize: int) -> int:
-  """K and V bytes attention reads: `slots` positions of `layers` caches."""
-  return int(batch * slots * layers * 2 * config.hidden_size * itemsize)
-
-
-def _cost_bytes(compiled) -> float | None:
-  """XLA's estimate of bytes a compiled program touches, if available."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  if not cost or "bytes accessed" not in cost:
-    return None
-  return float(cost["bytes accessed"])
-
-
-# ---- timing -------------------------------------------------------------------
 
 def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
-
-
-def _stats_ms(seconds: list[float], pipelined_s: float) -> dict:
-  ms = np.asarray(seconds) * 1e3
-  return {"median": round(float(np.median(ms)), 4),
-          "p10": round(float(np.percentile(ms, 10)), 4),
-          "pipelined": round(pipelined_s * 1e3, 4),
-          "calls": len(seconds)}
-
-
-def measure(call, cache, make_end, repeats: int):
-  """Times call(cache) -> (out, cache); the cache is threaded, with a fresh
-  `end` (made before the timer starts) put in before every call. `cache`
-  None: a call without cache. Returns (stats, last out, last cache)."""
-  def with_end(cache, end):
-    return cache if cache is None else {**cache, "end": end}
-
-  out, cache = call(with_end(cache, make_end()))  # warm-up (runtime, allocs)
-  jax.block_until_ready(out)
-  gc.collect()
-  gc.disable()
-  try:
-    times = []
-    for _ in range(repeats):
-      end = make_end()
-      jax.block_until_ready(end)
-      start = time.perf_counter()
-      out, cache = call(with_end(cache, end))
-      jax.block_until_ready(out)
-      times.append(time.perf_counter() - start)
-    ends = [make_end() for _ in range(repeats)]
-    jax.block_until_ready(ends)
-    start = time.perf_counter()
-    for end in ends:
-      out, cache = call(with_end(cache, end))
-    jax.block_until_ready(out)
-    pipelined = (time.perf_counter() - start) / repeats
-  finally:
-    gc.enable()
-  return _stats_ms(times, pipelined), out, cache
 
 
 # ---- one model ------------------------------------------------------------------
@@ -284,10 +120,6 @@ def model_config(name: str, dtype: str) -> PythiaConfig:
   """The DynaMo-T3 config of a preset (or the hidden tiny one) in `dtype`."""
   base = tiny_config() if name == TINY else preset(name)
   return base.replace(num_token_heads=N_HEADS, dtype=dtype, param_dtype=dtype)
-
-
-def _bound(bytes_read: int, gbs: float | None):
-  return None if gbs is None else bytes_read / (gbs * 1e9)
 
 
 def _ms(seconds):
@@ -310,8 +142,8 @@ def bench_batch(config_t3, params_t3, batch: int, context: int, repeats: int,
   w_t3 = weight_bytes(params_t3, batch, N_HEADS)
   kv_ar = kv_bytes(config_t3, batch, slots_ar, layers, itemsize)
   kv_t3 = kv_bytes(config_t3, batch, slots_t3, layers + N_HEADS - 1, itemsize)
-  bound_ar = _bound(w_ar["read"] + kv_ar, gbs)
-  bound_t3 = _bound(w_t3["read"] + kv_t3, gbs)
+  bound_ar = bound_seconds(w_ar["read"] + kv_ar, gbs)
+  bound_t3 = bound_seconds(w_t3["read"] + kv_t3, gbs)
   out = {
       "weight_bytes": {"ar": w_ar["read"], "t3": w_t3["read"],
                        "ar_all_leaves": w_ar["all_leaves"],
@@ -322,8 +154,8 @@ def bench_batch(config_t3, params_t3, batch: int, context: int, repeats: int,
                    "t3_cache_layers": layers + N_HEADS - 1},
       "bound_ms": None if gbs is None else {
           "ar": _ms(bound_ar), "t3": _ms(bound_t3),
-          "ar_all_leaves": _ms(_bound(w_ar["all_leaves"] + kv_ar, gbs)),
-          "t3_all_leaves": _ms(_bound(w_t3["all_leaves"] + kv_t3, gbs))},
+          "ar_all_leaves": _ms(bound_seconds(w_ar["all_leaves"] + kv_ar, gbs)),
+          "t3_all_leaves": _ms(bound_seconds(w_t3["all_leaves"] + kv_t3, gbs))},
   }
 
   # Inputs: device arrays (or their shapes for a dry run).
@@ -352,20 +184,30 @@ def bench_batch(config_t3, params_t3, batch: int, context: int, repeats: int,
   logits_shape = jax.ShapeDtypeStruct((batch, N_HEADS, config_t3.vocab_size),
                                       jnp.float32)
 
+  temperature = jnp.float32(TEMPERATURE)
+  temperature_N = jnp.full((N_HEADS,), TEMPERATURE, jnp.float32)
+  penalty = jnp.float32(REPETITION_PENALTY)
+
   # Ahead-of-time compilation: compile time stays out of every timing.
   start = time.perf_counter()
   lowered = {
       "ar": AR_PASS.lower(config_ar, params_ar, cache_ar, tokens_ar, keys,
-                          pass_index),
+                          pass_index, temperature, greedy=False),
+      # eps_b traced: one program serves eps_b = 0 and 1. No table.
       "t3": T3_PASS.lower(config_t3, params_t3, cache_t3, tokens_t3, fed[0.0],
-                          sampler_keys, history, history_len,
-                          jnp.float32(0.0)),
-      "t3_model": T3_MODEL.lower(config_t3, params_t3, cache_t3, tokens_t3,
-                                 fed[0.0]),
-      "t3_model_one_unembed": T3_MODEL_ONE_UNEMBED.lower(
-          config_t3, params_t3, cache_t3, tokens_t3, fed[0.0]),
-      "t3_sampler": T3_SAMPLER.lower(sampler_keys, logits_shape, history,
-                                     history_len, jnp.float32(0.0)),
+                          sampler_keys, history, history_len, None,
+                          temperature=temperature, eps_b=jnp.float32(0.0),
+                          repetition_penalty=penalty, settings=SETTINGS),
+      "t3_model": MODEL_PASS.lower(config_t3, params_t3, cache_t3, tokens_t3,
+                                   fed[0.0], all_heads=True, last_only=True),
+      "t3_model_one_unembed": MODEL_PASS.lower(
+          config_t3, params_t3, cache_t3, tokens_t3, fed[0.0], all_heads=True,
+          last_only=True, exact_head1=False),
+      # Temperature per head, as a caller of the sampler may give it.
+      "t3_sampler": SAMPLER_PASS.lower(
+          sampler_keys, logits_shape, history, history_len, None, n=N_HEADS,
+          temperature=temperature_N, eps_b=jnp.float32(0.0), repetition_penalty=penalty,
+          settings=SETTINGS),
   }
   if dry_run:
     out["lowered_s"] = round(time.perf_counter() - start, 2)
@@ -373,7 +215,7 @@ def bench_batch(config_t3, params_t3, batch: int, context: int, repeats: int,
     return out
   compiled = {name: low.compile() for name, low in lowered.items()}
   out["compile_s"] = round(time.perf_counter() - start, 2)
-  out["xla_bytes_accessed"] = {name: _cost_bytes(c)
+  out["xla_bytes_accessed"] = {name: cost_bytes(c)
                                for name, c in compiled.items()}
 
   def end_at_context():
@@ -384,7 +226,8 @@ def bench_batch(config_t3, params_t3, batch: int, context: int, repeats: int,
          f"{stats['p10']:.3f} ms, pipelined {stats['pipelined']:.3f} ms")
 
   ar_stats, _, cache_ar = measure(
-      lambda c: compiled["ar"](params_ar, c, tokens_ar, keys, pass_index),
+      lambda c: compiled["ar"](params_ar, c, tokens_ar, keys, pass_index,
+                               temperature),
       cache_ar, end_at_context, repeats)
   report("ar_step", ar_stats)
   del cache_ar
@@ -395,7 +238,8 @@ def bench_batch(config_t3, params_t3, batch: int, context: int, repeats: int,
     stats, res, cache_t3 = measure(
         lambda c, eps=eps, eps_b=eps_b: compiled["t3"](
             params_t3, c, tokens_t3, fed[eps_b], sampler_keys, history,
-            history_len, eps),
+            history_len, None, temperature=temperature, eps_b=eps,
+            repetition_penalty=penalty),
         cache_t3, end_at_context, repeats)
     key = f"eps_b_{eps_b:g}"
     t3_stats[key] = stats
@@ -418,7 +262,9 @@ def bench_batch(config_t3, params_t3, batch: int, context: int, repeats: int,
     eps = jnp.float32(eps_b)
     stats, _, _ = measure(
         lambda c, eps=eps: (compiled["t3_sampler"](
-            sampler_keys, logits_BxNxV, history, history_len, eps), None),
+            sampler_keys, logits_BxNxV, history, history_len, None,
+            temperature=temperature_N, eps_b=eps, repetition_penalty=penalty),
+                            None),
         None, end_at_context, repeats)
     sampler_stats[f"eps_b_{eps_b:g}"] = stats
     report(f"t3_sampler eps_b_{eps_b:g}", stats)

@@ -1,5 +1,7 @@
 """experiments/bench_step.py on the tiny config: the JSON it prints has every
-figure, positive, and the bandwidth bound is null without a known bandwidth.
+figure, positive, and the bandwidth bound is null without a known bandwidth;
+the bandwidth and peak-FLOP tables its bound and bench_train's MFU read
+(dynamo_jax/evaluation/passes.py, hardware.py).
 
 One timed run (with --bandwidth-gbs, so every figure exists) and one dry run
 (lowering only) without it keep this to a few compiles.
@@ -11,6 +13,9 @@ import os
 
 import jax
 import pytest
+
+from dynamo_jax.evaluation import hardware
+from dynamo_jax.evaluation.passes import device_bandwidth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,13 +87,12 @@ def test_bound_is_null_without_bandwidth(bench, capsys):
     ("NVIDIA A100-SXM4-80GB", 2039.0), ("TPU v5 lite", 819.0),
     ("TPU v5", 2765.0), ("TPU v6 lite", 1640.0), ("TPU v4", 1200.0),
     ("cpu", None), ("NVIDIA GeForce RTX 4090", None)])
-def test_bandwidth_table(bench, kind, gbs):
-  assert bench.device_bandwidth(kind, None)[0] == gbs
-  assert bench.device_bandwidth(kind, 123.0) == (123.0, "--bandwidth-gbs")
+def test_bandwidth_table(kind, gbs):
+  assert device_bandwidth(kind, None)[0] == gbs
+  assert device_bandwidth(kind, 123.0) == (123.0, "--bandwidth-gbs")
 
 
 def test_hardware_tables():
-  from dynamo_jax.evaluation import hardware  # pylint: disable=import-outside-toplevel
   bw = lambda kind: hardware.lookup(kind, hardware.BANDWIDTH_GBS,
                                     hardware.BANDWIDTH_EXACT_GBS)[0]
   assert bw("NVIDIA H100 80GB HBM3") == 3350.0

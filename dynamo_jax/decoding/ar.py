@@ -14,12 +14,26 @@ import jax.numpy as jnp
 
 from dynamo_jax.decoding.sampling import sample_tokens
 from dynamo_jax.model.config import PythiaConfig
-from dynamo_jax.model.pythia import Params, forward_cached, init_cache
+from dynamo_jax.model.pythia import (KVCache, Params, forward_cached,
+                                     init_cache)
 
 
 def pass_keys(row_keys_Bx2, pass_index):
   """The per-row keys of one forward pass."""
   return jax.vmap(lambda key: jax.random.fold_in(key, pass_index))(row_keys_Bx2)
+
+
+def ar_pass(config: PythiaConfig, params: Params, cache: KVCache, tokens_Bx1,
+            row_keys_Bx2, pass_index, temperature, *, greedy: bool):
+  """One AR pass after the prefill: feed tokens_Bx1, draw each row's next
+  token from head 1 with fold_in(row key, pass_index). Returns (int32 [B],
+  the new cache). Pure: `generate_ar`'s scan body; jit it with
+  `donate_argnums=2` to run (or time) one pass alone."""
+  logits_Bx1xV, cache = forward_cached(config, params, cache, tokens_Bx1)
+  next_B = sample_tokens(pass_keys(row_keys_Bx2, pass_index),
+                         logits_Bx1xV[:, 0], greedy=greedy,
+                         temperature=temperature)
+  return next_B, cache
 
 
 # The importable cached step: (config, params, cache, tokens_BxT, lengths_B)
@@ -41,14 +55,13 @@ def generate_ar(config: PythiaConfig, params: Params, prompt_BxP: jax.Array,
   # Prefill unembeds only the last prompt position, as DynaMo's does.
   logits_Bx1xV, cache = forward_cached(config, params, cache, prompt_BxP,
                                        last_only=True)
-  sample = functools.partial(sample_tokens, greedy=greedy,
-                             temperature=temperature)
-  first_B = sample(pass_keys(row_keys_Bx2, 0), logits_Bx1xV[:, 0])
+  first_B = sample_tokens(pass_keys(row_keys_Bx2, 0), logits_Bx1xV[:, 0],
+                          greedy=greedy, temperature=temperature)
 
   def step(carry, i):
     cache, tok_B = carry
-    logits_Bx1xV, cache = forward_cached(config, params, cache, tok_B[:, None])
-    nxt_B = sample(pass_keys(row_keys_Bx2, i), logits_Bx1xV[:, 0])
+    nxt_B, cache = ar_pass(config, params, cache, tok_B[:, None], row_keys_Bx2,
+                           i, temperature, greedy=greedy)
     return (cache, nxt_B), tok_B
 
   (_, last_B), toks_NxB = jax.lax.scan(

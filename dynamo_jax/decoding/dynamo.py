@@ -49,6 +49,20 @@ class SamplerSettings(NamedTuple):
   exact_head1: bool = True
 
 
+def sample_with_settings(keys_Bx2, logits_BxNxV, history_BxH, history_len_B,
+                         cooc, *, n: int, temperature, eps_b,
+                         repetition_penalty,
+                         settings: SamplerSettings) -> SampleResult:
+  """`dynamo_sample` with Algorithm 1's switches and the kernel taken from
+  `settings` (exact_head1 concerns the model part, not the sampler)."""
+  return dynamo_sample(
+      keys_Bx2, logits_BxNxV, history_BxH, history_len_B, cooc, n=n,
+      k=settings.k, temperature=temperature, eps_b=eps_b,
+      alpha=settings.alpha, use_cooc=settings.use_cooc, blur=settings.blur,
+      otsu=settings.otsu, repetition_penalty=repetition_penalty,
+      greedy=settings.greedy, kernel=settings.kernel)
+
+
 def decode_step(config: PythiaConfig, params: Params, cache: KVCache,
                 tokens_BxT, lengths_B, keys_Bx2, history_BxH, history_len_B,
                 cooc=None, *, temperature=0.7, eps_b=0.5,
@@ -78,13 +92,10 @@ def decode_step(config: PythiaConfig, params: Params, cache: KVCache,
                                          lengths_B, all_heads=True,
                                          last_only=True,
                                          exact_head1=settings.exact_head1)
-  result = dynamo_sample(
+  result = sample_with_settings(
       keys_Bx2, jnp.swapaxes(logits_NxBx1xV[:, :, 0], 0, 1), history_BxH,
-      history_len_B, cooc, n=config.num_token_heads, k=settings.k,
-      temperature=temperature, eps_b=eps_b, alpha=settings.alpha,
-      use_cooc=settings.use_cooc, blur=settings.blur, otsu=settings.otsu,
-      repetition_penalty=repetition_penalty, greedy=settings.greedy,
-      kernel=settings.kernel)
+      history_len_B, cooc, n=config.num_token_heads, temperature=temperature,
+      eps_b=eps_b, repetition_penalty=repetition_penalty, settings=settings)
   return result, cache
 
 

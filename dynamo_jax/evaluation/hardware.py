@@ -2,7 +2,8 @@
 
 Used by the benchmarks that compare a measurement with what the device could
 do: MFU (experiments/bench_train.py, peak dense bf16 FLOP/s) and the HBM
-bound of a decode pass (experiments/bench_step.py, peak memory bandwidth).
+bound of a decode pass (passes.py for experiments/bench_step.py, peak memory
+bandwidth).
 An unknown device gives None, never a guess.
 
 Entries match when all their lower-case substrings occur in the lower-cased

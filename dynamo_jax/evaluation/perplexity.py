@@ -42,6 +42,7 @@ import numpy as np
 from dynamo_jax.errors import InputError
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import Params, forward
+from dynamo_jax.training.loss import token_nll
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +86,10 @@ def make_windows(doc_lengths: list[int], window: int, stride: int) -> list[Windo
 
 @functools.partial(jax.jit, static_argnums=0)
 def _window_nll(config: PythiaConfig, params: Params, tokens_BxW, targets_NxBxW):
-  """-log p_n(target) for every head, position: float32 [N, B, W]."""
+  """-log p_n(target) for every head, position: float32 [N, B, W] (a target
+  of -1, not scored, is read as token 0)."""
   logits_NxBxWxV = forward(config, params, tokens_BxW, all_heads=True)
-  logp_NxBxWxV = jax.nn.log_softmax(logits_NxBxWxV, axis=-1)
-  safe = jnp.maximum(targets_NxBxW, 0)
-  picked = jnp.take_along_axis(logp_NxBxWxV, safe[..., None], axis=-1)[..., 0]
-  return -picked
+  return token_nll(logits_NxBxWxV, jnp.maximum(targets_NxBxW, 0))
 
 
 def _batches(docs, windows, n, window, batch_size) -> Iterator:

@@ -14,6 +14,7 @@ import numpy as np
 
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import Params, forward
+from dynamo_jax.training.loss import token_nll
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -22,8 +23,7 @@ def _continuation_nll(config, params, prompt_BxP, tokens_BxL):
   logits_BxPLxV = forward(config, params, full_BxPL)  # head 1: the base model
   p = prompt_BxP.shape[1]
   # Position t predicts t+1: the continuation is predicted from P-1 .. P+L-2.
-  logp_BxLxV = jax.nn.log_softmax(logits_BxPLxV[:, p - 1:-1], axis=-1)
-  return -jnp.take_along_axis(logp_BxLxV, tokens_BxL[..., None], axis=-1)[..., 0]
+  return token_nll(logits_BxPLxV[:, p - 1:-1], tokens_BxL)
 
 
 def continuation_nll(config: PythiaConfig, params: Params, prompt_BxP,

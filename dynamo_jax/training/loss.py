@@ -23,7 +23,10 @@ def shifted_targets(tokens_BxT, segment_ids_BxT, shift: int):
 
 
 def token_nll(logits_BxTxV, targets_BxT):
-  """-log p(target) per position: integer labels, no one-hot over V."""
+  """-log p(target) per position, float32 [B, T] (any leading axes: the
+  vocabulary is the last): log-sum-exp minus the target's logit, picked by
+  integer label (no one-hot over V). The one NLL of training, perplexity and
+  continuation quality."""
   logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
   picked_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None],
                                    axis=-1)[..., 0]

@@ -1,16 +1,16 @@
 """Train state, its shardings, sharded init, and the jitted train step.
 
 State is a plain dict {"step": int32 [], "params": ..., "opt": ...}. Sharded
-init follows eval_shape -> shardings -> jit(init, out_shardings=...); the
-train step is one jitted function with explicit in/out shardings and the
-state donated.
+init follows eval_shape -> shardings -> jit(init, out_shardings=...). The
+train step is the pure module-level `train_step`; `make_train_step` jits it
+with explicit in/out shardings and the state donated.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.partitioning import activation_sharding
-from dynamo_jax.model.pythia import Pythia, param_axes, param_shapes
+from dynamo_jax.model.pythia import init_params, param_axes, param_shapes
 from dynamo_jax.training.loss import head_losses
 from dynamo_jax.training.optimizer import DynamoOptimizer, split
 from dynamo_jax.training.sharding import (RULES, batch_sharding,
@@ -67,48 +67,45 @@ def init_state(params_fn: Callable[[], Any], opt: DynamoOptimizer, shardings):
 
 
 def random_params_fn(config: PythiaConfig, seed: int):
-  def fn():
-    boxed = Pythia(config).init(jax.random.PRNGKey(seed),
-                                jnp.zeros((1, 1), jnp.int32), all_heads=True)
-    return nn.meta.unbox(boxed)["params"]
-  return fn
+  """() -> `init_params(config, seed)`, for `init_state` to trace under jit."""
+  return functools.partial(init_params, config, seed)
 
 
-def make_train_step(config: PythiaConfig, opt: DynamoOptimizer, mesh: Mesh,
-                    shardings, *, grad_accum: int = 1,
-                    head_weights: tuple[float, ...] | None = None):
-  """The jitted step: (state, batch) -> (state, metrics).
+def _grads(config: PythiaConfig, opt: DynamoOptimizer, weights_N, params,
+           tokens_BxT, seg_BxT):
+  """(g1, g2, losses_N): gradients of the weighted head-1 loss and of the
+  weighted sum of heads 2..N's losses, and the unweighted losses."""
+  def objective(p):
+    losses_N, _ = head_losses(config, p, tokens_BxT, seg_BxT)
+    weighted_N = weights_N * losses_N
+    return (weighted_N[0], jnp.sum(weighted_N[1:])), losses_N
+  _, vjp_fn, losses_N = jax.vjp(objective, params, has_aux=True)
+  one, zero = jnp.float32(1.0), jnp.float32(0.0)
+  # Each gradient is a backward pass; skip the ones that are known zeros
+  # (g2 without extra heads) or unused (g1 when the base is frozen).
+  if config.num_token_heads == 1:
+    g1 = vjp_fn((one, zero))[0]
+    return g1, jax.tree.map(jnp.zeros_like, g1), losses_N
+  g2 = vjp_fn((zero, one))[0]
+  g1 = vjp_fn((one, zero))[0] if opt.mode == "full" else g2
+  return g1, g2, losses_N
+
+
+def train_step(config: PythiaConfig, opt: DynamoOptimizer, mesh: Mesh,
+               state: State, batch, *, grad_accum: int = 1,
+               head_weights: tuple[float, ...] | None = None):
+  """One optimizer step: (state, batch) -> (new state, metrics). Pure;
+  `make_train_step` jits it with shardings and the state donated.
 
   batch: {"tokens": int32 [B, T], "segment_ids": int32 [B, T]}, B global.
   metrics: loss (weighted sum over heads), head_loss [N], lr, grad norms.
   """
   n = config.num_token_heads
   weights_N = jnp.asarray(head_weights or (1.0,) * n, jnp.float32)
-  need_g1 = opt.mode == "full"
-
-  def grads(params, tokens_BxT, seg_BxT):
-    def objective(p):
-      losses_N, _ = head_losses(config, p, tokens_BxT, seg_BxT)
-      weighted_N = weights_N * losses_N
-      return (weighted_N[0], jnp.sum(weighted_N[1:])), losses_N
-    _, vjp_fn, losses_N = jax.vjp(objective, params, has_aux=True)
-    one, zero = jnp.float32(1.0), jnp.float32(0.0)
-    # Each gradient is a backward pass; skip the ones that are known zeros
-    # (g2 without extra heads) or unused (g1 when the base is frozen).
-    if n == 1:
-      g1 = vjp_fn((one, zero))[0]
-      return g1, jax.tree.map(jnp.zeros_like, g1), losses_N
-    g2 = vjp_fn((zero, one))[0]
-    g1 = vjp_fn((one, zero))[0] if need_g1 else g2
-    return g1, g2, losses_N
-
-  def step_fn(state, batch):
-    # Activations take the batch's layout (model/partitioning.py) while the
-    # step traces; the model is otherwise free of mesh code.
-    with activation_sharding(mesh, RULES):
-      return sharded_step(state, batch)
-
-  def sharded_step(state, batch):
+  grads = functools.partial(_grads, config, opt, weights_N)
+  # Activations take the batch's layout (model/partitioning.py) while the
+  # step traces; the model is otherwise free of mesh code.
+  with activation_sharding(mesh, RULES):
     params = state["params"]
     tokens_BxT, seg_BxT = batch["tokens"], batch["segment_ids"]
     if grad_accum == 1:
@@ -128,19 +125,29 @@ def make_train_step(config: PythiaConfig, opt: DynamoOptimizer, mesh: Mesh,
       acc, _ = jax.lax.scan(body, zeros, (micro(tokens_BxT), micro(seg_BxT)))
       g1, g2, losses_N = jax.tree.map(lambda x: x / grad_accum, acc)
     new_params, new_opt = opt.update(g1, g2, state["opt"], params)
+    need_g1 = opt.mode == "full"
     metrics = {
         "loss": jnp.sum(weights_N * losses_N),
         "head_loss": losses_N,
         "lr": opt.lr_base(state["step"]),
-        "grad_norm_head1": _global_norm(split(g1)[0]) if need_g1 else jnp.float32(0),
+        "grad_norm_head1": (_global_norm(split(g1)[0]) if need_g1
+                            else jnp.float32(0)),
         "grad_norm_heads": _global_norm(g2),
     }
-    return {"step": state["step"] + 1, "params": new_params,
-            "opt": new_opt}, metrics
+  return {"step": state["step"] + 1, "params": new_params,
+          "opt": new_opt}, metrics
 
+
+def make_train_step(config: PythiaConfig, opt: DynamoOptimizer, mesh: Mesh,
+                    shardings, *, grad_accum: int = 1,
+                    head_weights: tuple[float, ...] | None = None):
+  """`train_step` jitted: (state, batch) -> (state, metrics), with explicit
+  in/out shardings and the state donated."""
   rep = replicated(mesh)
   batch_sh = {"tokens": batch_sharding(mesh), "segment_ids": batch_sharding(mesh)}
-  return jax.jit(step_fn, in_shardings=(shardings, batch_sh),
+  step = functools.partial(train_step, config, opt, mesh,
+                           grad_accum=grad_accum, head_weights=head_weights)
+  return jax.jit(step, in_shardings=(shardings, batch_sh),
                  out_shardings=(shardings, rep), donate_argnums=0)
 
 

@@ -23,13 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-
-# pylint: disable=wrong-import-position
 import jax
 import numpy as np
 
@@ -39,13 +34,13 @@ from dynamo_jax.model.pythia import param_shapes
 from dynamo_jax.training.config import load_config
 from dynamo_jax.training.loop import model_config
 
+# Siblings: running this script puts its folder on sys.path.
 import card
 import cooc_stage
 import corpus
 import package
 import runs
 import tokenizer_stage
-# pylint: enable=wrong-import-position
 
 STAGES = ("corpus", "tokenizer", "base", "heads", "cooc", "package", "bench",
           "card")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 # Subcommand modules, in the order `eval --help` lists them.
-SUBCOMMANDS = ("harness", "completions", "judge")
+SUBCOMMANDS = ("ppl", "harness", "completions", "judge")
 
 
 def add_parser(subparsers):

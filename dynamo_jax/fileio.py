@@ -95,6 +95,33 @@ def _umask() -> int:
   return mask
 
 
+def atomic_write(path: str | os.PathLike, write: Callable) -> None:
+  """`write(binary file)` into a temporary sibling of `path`, flushed to
+  disk, then renamed onto it: readers see the old file or the whole new
+  one, never a part. The file gets the umask's permissions; a sibling left
+  by a killed writer is removed first."""
+  path = os.path.abspath(os.fspath(path))
+  directory, name = os.path.split(path)
+  remove_stale(directory, name)
+  fd, tmp = tempfile.mkstemp(prefix=temp_prefix(name), dir=directory)
+  try:
+    with os.fdopen(fd, "wb") as fh:
+      write(fh)
+      fh.flush()
+      os.fsync(fh.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  """`atomic_write` of UTF-8 text."""
+  atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike) -> Iterator[str]:
   """Yields a temporary sibling of `out_dir`, renamed onto it on success.

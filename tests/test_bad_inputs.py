@@ -326,6 +326,9 @@ CASES = [
          ["convert", "--to-hf", "nat", "afile/out"], "cannot write",
          _both(_native, _write("afile", b"x"))),
     # --- eval ---
+    Case("table4-unknown-model", ["eval", "table4", "--models", "dynamo-9b-t3",
+                                  "--tokens-per-pass", "2"],
+         "unknown suite models ['dynamo-9b-t3']"),
     Case("ppl-data-missing", ["eval", "ppl", "--data", "none.txt"],
          "data file none.txt does not exist"),
     Case("ppl-data-empty", ["eval", "ppl", "--data", "e.txt"],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 # Subcommand modules, in the order `eval --help` lists them.
-SUBCOMMANDS = ("ppl", "harness", "completions", "judge")
+SUBCOMMANDS = ("ppl", "harness", "completions", "judge", "table4")
 
 
 def add_parser(subparsers):

@@ -184,12 +184,7 @@ def _check_settings(out_dir: str, settings: dict) -> None:
       raise InputError(f"{out_dir} holds files but no {SETTINGS_FILE}, so it "
                        "was not made by completions; give a new or empty "
                        "--out.")
-    tmp = os.path.join(out_dir, fileio.temp_prefix(SETTINGS_FILE) + "json")
-    with open(tmp, "w", encoding="utf-8") as fh:
-      json.dump(settings, fh, indent=1)
-      fh.flush()
-      os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    fileio.atomic_write_text(path, json.dumps(settings, indent=1))
     return
   try:
     with open(path, encoding="utf-8") as fh:

@@ -21,8 +21,8 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 
+from dynamo_jax import fileio
 from dynamo_jax.errors import DynamoError
 
 MODEL_NAME = "dynamo_jax"
@@ -183,19 +183,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _write_json(path: str, text: str) -> None:
   """Writes `text` to `path` whole or not at all."""
-  directory = os.path.dirname(os.path.abspath(path))
-  tmp = None
   try:
-    fd, tmp = tempfile.mkstemp(prefix=".lm-eval-", dir=directory)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-      fh.write(text + "\n")
-    os.replace(tmp, path)
+    fileio.atomic_write_text(path, text + "\n")
   except OSError as e:
     raise DynamoError(f"cannot write --out {path}: {e.strerror or e}; choose a "
                       "writable location.") from None
-  finally:
-    if tmp is not None and os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def run(args) -> dict:

@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 
 from dynamo_jax.errors import DynamoError
-from dynamo_jax.evaluation.judge_report import write_atomic
+from dynamo_jax.fileio import atomic_write as write_atomic
 from dynamo_jax.fileio import remove_stale
 
 SYSTEM_PROMPT = (

@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 
 import numpy as np
 
-from dynamo_jax.fileio import temp_prefix
+from dynamo_jax.fileio import atomic_write as write_atomic
 
 # Group field of each speed-up axis.
 SPEEDUPS = {"tokens_per_pass": "speedup_tokens_per_pass",
@@ -30,21 +29,6 @@ def clean(value):
   if isinstance(value, np.integer):
     return int(value)
   return value
-
-
-def write_atomic(path: str, write) -> None:
-  """write(binary file object) into a temp sibling, renamed onto `path`.
-  The file gets the umask's permissions (not mkstemp's 0600)."""
-  directory, name = os.path.split(path)
-  tmp = os.path.join(directory, temp_prefix(name) + secrets.token_hex(4))
-  try:
-    with open(tmp, "xb") as fh:
-      write(fh)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _fmt(value, spec=".3f") -> str:

@@ -10,7 +10,7 @@ Public API:
       "verified", greedy=False, temperature=0.7, eps_b=0.5, seed=0, cooc=None,
       kernel="reference") -> GenerateOutput(tokens, accepted, forward_passes)
   decode_step(config, params, cache, tokens_BxT, lengths_B, keys_Bx2,
-      history_BxH, history_len_B, cooc=None, ...) -> (SampleResult, cache)
+      history_BxHs, history_len_B, cooc=None, ...) -> (SampleResult, cache)
   load(path_or_id=None) -> Model(config, params, tokenizer, cooc)
 """
 

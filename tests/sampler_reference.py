@@ -126,7 +126,7 @@ def _draw(grid, u, greedy):
   return np.unravel_index(idx, grid.shape), flat[idx] / flat.sum()
 
 
-def reference_sample(logits_BxNxV, history_BxH, history_len_B, tables, *,
+def reference_sample(logits_BxNxV, history_BxHs, history_len_B, tables, *,
                      n, k, temperature, eps_b, alpha=1.0, use_cooc=True,
                      blur=True, otsu=True, repetition_penalty=1.1,
                      greedy=False, u_B, ar_token_B):
@@ -141,7 +141,7 @@ def reference_sample(logits_BxNxV, history_BxH, history_len_B, tables, *,
   use_tables = tables if use_cooc else None
   ms, tokens, probs = [], np.zeros((b, n), np.int64), []
   for row in range(b):
-    seen = set(int(t) for t in history_BxH[row][:history_len_B[row]])
+    seen = set(int(t) for t in history_BxHs[row][:history_len_B[row]])
     heads = [_topk(logits_BxNxV[row, i], k, temps[i]) for i in range(n)]
     tokens_of = lambda cell, h=heads: tuple(int(h[i][0][c])
                                             for i, c in enumerate(cell))

@@ -328,7 +328,7 @@ def test_chunked_top_k_equals_lax_top_k_ties_included(k):
 def _call(**overrides):
   logits = np.zeros((2, 3, V), np.float32)
   args = dict(key=jax.random.PRNGKey(0), logits_BxNxV=logits,
-              history_BxH=np.zeros((2, 4), np.int32),
+              history_BxHs=np.zeros((2, 4), np.int32),
               history_len_B=np.zeros(2, np.int32), cooc=None)
   opts = dict(n=3, k=5)
   for name, value in overrides.items():
@@ -350,7 +350,7 @@ def _call(**overrides):
     (dict(repetition_penalty=0.9), "repetition_penalty must be"),
     (dict(alpha=-1.0), "alpha must be"),
     (dict(history_len_B=np.int32([0, 5])), "history_len must"),
-    (dict(history_BxH=np.zeros((2, 4), np.float32)), "integer token ids"),
+    (dict(history_BxHs=np.zeros((2, 4), np.float32)), "integer token ids"),
     (dict(eps_b=np.float32([0.5, 0.5])), "eps_b must be a scalar"),
     (dict(key=jax.random.split(jax.random.PRNGKey(0), 3)), "key has shape"),
     (dict(logits_BxNxV=np.zeros((2, V), np.float32)), "logits must be"),

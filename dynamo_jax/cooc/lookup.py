@@ -2,7 +2,8 @@
 
 Shapes (letters as in tensor names):
   B batch, M heads in the grid (the m of the back-off, 2..n), K top-k per
-  head, V vocabulary (of the table), S slots of one level of the trie.
+  head, V vocabulary (of the table); here Z slots of one level of the trie
+  and C columns of a slot's row.
 
   topk_ids_BxMxK  int32: topk_ids[b, i] are head i+1's top-k token ids.
   weights         float32 [B, K, ..., K] (M axes of K, in head order): the
@@ -159,7 +160,7 @@ def grid_weights(table_arrays: dict, topk_ids_BxMxK: jax.Array,
   off_R = jnp.where(valid_B, root_off_V[first_B], 0).reshape(-1)
   mask_R = jnp.where(valid_B, table_arrays["root_mask"][first_B], 0).reshape(-1)
   for m in range(2, m_heads + 1):
-    rows_SxC = table_arrays[f"order_{m}"]
+    rows_ZxC = table_arrays[f"order_{m}"]
     r = off_R.shape[0]
 
     def per_parent(x_BxMxK, i=m - 1, r=r):
@@ -176,7 +177,7 @@ def grid_weights(table_arrays: dict, topk_ids_BxMxK: jax.Array,
     # a slot's columns share a cache line, so only column 0 misses.
     # Every slot lies inside its parent's block, so the gathers skip jnp's
     # negative-index wrap and clamp.
-    col = lambda slot, c, rows=rows_SxC: rows.at[slot, c].get(
+    col = lambda slot, c, rows=rows_ZxC: rows.at[slot, c].get(
         mode="promise_in_bounds")
     hit_a_RxK = col(slot_a_RxK, 0) == query_RxK
     hit_b_RxK = col(slot_b_RxK, 0) == query_RxK

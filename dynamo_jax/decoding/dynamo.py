@@ -49,14 +49,14 @@ class SamplerSettings(NamedTuple):
   exact_head1: bool = True
 
 
-def sample_with_settings(keys_Bx2, logits_BxNxV, history_BxH, history_len_B,
+def sample_with_settings(keys_Bx2, logits_BxNxV, history_BxHs, history_len_B,
                          cooc, *, n: int, temperature, eps_b,
                          repetition_penalty,
                          settings: SamplerSettings) -> SampleResult:
   """`dynamo_sample` with Algorithm 1's switches and the kernel taken from
   `settings` (exact_head1 concerns the model part, not the sampler)."""
   return dynamo_sample(
-      keys_Bx2, logits_BxNxV, history_BxH, history_len_B, cooc, n=n,
+      keys_Bx2, logits_BxNxV, history_BxHs, history_len_B, cooc, n=n,
       k=settings.k, temperature=temperature, eps_b=eps_b,
       alpha=settings.alpha, use_cooc=settings.use_cooc, blur=settings.blur,
       otsu=settings.otsu, repetition_penalty=repetition_penalty,
@@ -64,7 +64,7 @@ def sample_with_settings(keys_Bx2, logits_BxNxV, history_BxH, history_len_B,
 
 
 def decode_step(config: PythiaConfig, params: Params, cache: KVCache,
-                tokens_BxT, lengths_B, keys_Bx2, history_BxH, history_len_B,
+                tokens_BxT, lengths_B, keys_Bx2, history_BxHs, history_len_B,
                 cooc=None, *, temperature=0.7, eps_b=0.5,
                 repetition_penalty=1.1,
                 settings: SamplerSettings = SamplerSettings()
@@ -80,7 +80,7 @@ def decode_step(config: PythiaConfig, params: Params, cache: KVCache,
     lengths_B: int32 [B], valid tokens per row (the previous m; 0 for a row
       that should not advance).
     keys_Bx2: uint32 [B, 2], one PRNG key per row for this pass.
-    history_BxH, history_len_B: tokens generated so far, for the repetition
+    history_BxHs, history_len_B: tokens generated so far, for the repetition
       penalty (first history_len_B valid per row).
     cooc: None (no co-occurrence weighting) or a table with grid_weights.
   Returns:
@@ -93,16 +93,16 @@ def decode_step(config: PythiaConfig, params: Params, cache: KVCache,
                                          last_only=True,
                                          exact_head1=settings.exact_head1)
   result = sample_with_settings(
-      keys_Bx2, jnp.swapaxes(logits_NxBx1xV[:, :, 0], 0, 1), history_BxH,
+      keys_Bx2, jnp.swapaxes(logits_NxBx1xV[:, :, 0], 0, 1), history_BxHs,
       history_len_B, cooc, n=config.num_token_heads, temperature=temperature,
       eps_b=eps_b, repetition_penalty=repetition_penalty, settings=settings)
   return result, cache
 
 
-def write_rows(out_BxL, chunk_BxN, at_B):
+def write_rows(out_BxG, chunk_BxN, at_B):
   """Writes each row's chunk at that row's offset."""
   return jax.vmap(lambda o, c, a: jax.lax.dynamic_update_slice(o, c, (a,)))(
-      out_BxL, chunk_BxN, at_B)
+      out_BxG, chunk_BxN, at_B)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens",
@@ -115,17 +115,18 @@ def generate_dynamo(config: PythiaConfig, params: Params, prompt_BxP,
   b, p = prompt_BxP.shape
   n = config.num_token_heads
   cache = init_cache(config, b, p + max_new_tokens + n, all_heads=True)
-  out_BxL = jnp.zeros((b, max_new_tokens + n), jnp.int32)
+  out_BxG = jnp.zeros((b, max_new_tokens + n), jnp.int32)
   step = functools.partial(decode_step, config, params, cooc=cooc,
                            temperature=temperature, eps_b=eps_b,
                            repetition_penalty=repetition_penalty,
                            settings=settings)
   count_B = jnp.zeros((b,), jnp.int32)
   res, cache = step(cache, prompt_BxP, jnp.full((b,), p, jnp.int32),
-                    pass_keys(row_keys_Bx2, 0), out_BxL, count_B)
-  out_BxL = write_rows(out_BxL, res.tokens_BxN, count_B)
-  accepted_BxP = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(res.m_B)
-  carry = (cache, out_BxL, res.m_B, res.tokens_BxN, res.m_B, accepted_BxP,
+                    pass_keys(row_keys_Bx2, 0), out_BxG, count_B)
+  out_BxG = write_rows(out_BxG, res.tokens_BxN, count_B)
+  accepted_BxNp = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(
+      res.m_B)
+  carry = (cache, out_BxG, res.m_B, res.tokens_BxN, res.m_B, accepted_BxNp,
            jnp.int32(1))
 
   def cond(carry):
@@ -133,17 +134,17 @@ def generate_dynamo(config: PythiaConfig, params: Params, prompt_BxP,
     return jnp.any(count_B < max_new_tokens) & (passes < max_new_tokens)
 
   def body(carry):
-    cache, out_BxL, count_B, fed_BxN, fed_len_B, accepted_BxP, passes = carry
+    cache, out_BxG, count_B, fed_BxN, fed_len_B, accepted_BxNp, passes = carry
     res, cache = step(cache, fed_BxN, fed_len_B,
-                      pass_keys(row_keys_Bx2, passes), out_BxL, count_B)
+                      pass_keys(row_keys_Bx2, passes), out_BxG, count_B)
     active_B = count_B < max_new_tokens
     m_B = jnp.where(active_B, res.m_B, 0)
-    out_BxL = jnp.where(active_B[:, None],
-                        write_rows(out_BxL, res.tokens_BxN, count_B), out_BxL)
-    accepted_BxP = accepted_BxP.at[:, passes].set(m_B)
-    return (cache, out_BxL, count_B + m_B, res.tokens_BxN, m_B, accepted_BxP,
+    out_BxG = jnp.where(active_B[:, None],
+                        write_rows(out_BxG, res.tokens_BxN, count_B), out_BxG)
+    accepted_BxNp = accepted_BxNp.at[:, passes].set(m_B)
+    return (cache, out_BxG, count_B + m_B, res.tokens_BxN, m_B, accepted_BxNp,
             passes + 1)
 
-  _, out_BxL, _, _, _, accepted_BxP, passes = jax.lax.while_loop(
+  _, out_BxG, _, _, _, accepted_BxNp, passes = jax.lax.while_loop(
       cond, body, carry)
-  return out_BxL[:, :max_new_tokens], accepted_BxP, passes
+  return out_BxG[:, :max_new_tokens], accepted_BxNp, passes

@@ -87,7 +87,7 @@ class SampleResult(NamedTuple):
 
 
 def topk_marginals(logits_BxNxV: jax.Array, temperature_N: jax.Array,
-                   history_BxH: jax.Array, history_len_B: jax.Array, *,
+                   history_BxHs: jax.Array, history_len_B: jax.Array, *,
                    k: int):
   """Step 2 for all N heads given: (ids int32 [B,N,K], probs [B,N,K] summing
   to 1 per head, seen bool [B,N,K] = id is in the row's valid history)."""
@@ -103,10 +103,10 @@ def topk_marginals(logits_BxNxV: jax.Array, temperature_N: jax.Array,
                                axis=-1)
   # A vocab-sized membership mask costs O(V + H) per row, less than
   # comparing every top-k id with every history token once H is long.
-  valid_BxH = jnp.arange(history_BxH.shape[1]) < history_len_B[:, None]
-  hist_BxH = jnp.where(valid_BxH, history_BxH.astype(jnp.int32), v)
-  rows_BxH = jnp.broadcast_to(jnp.arange(b)[:, None], hist_BxH.shape)
-  seen_BxV = jnp.zeros((b, v), jnp.bool_).at[rows_BxH, hist_BxH].set(
+  valid_BxHs = jnp.arange(history_BxHs.shape[1]) < history_len_B[:, None]
+  hist_BxHs = jnp.where(valid_BxHs, history_BxHs.astype(jnp.int32), v)
+  rows_BxHs = jnp.broadcast_to(jnp.arange(b)[:, None], hist_BxHs.shape)
+  seen_BxV = jnp.zeros((b, v), jnp.bool_).at[rows_BxHs, hist_BxHs].set(
       True, mode="drop")
   seen_BxNxK = jax.vmap(lambda s_V, i_NxK: s_V[i_NxK])(seen_BxV, ids_BxNxK)
   return ids_BxNxK.astype(jnp.int32), probs_BxNxK, seen_BxNxK
@@ -199,12 +199,12 @@ def add_order1(keys, logits_BxNxV, temperature, draws, *, greedy, per_row):
   return draws.m_B, tokens_BxN, joint_prob_B, draws.passed_BxN, draws.peak_BxN
 
 
-def _sample_core(keys, logits_BxNxV, history_BxH, history_len_B, cooc,
+def _sample_core(keys, logits_BxNxV, history_BxHs, history_len_B, cooc,
                  temperature_N, eps_b, repetition_penalty, *, n, k, alpha,
                  use_cooc, blur, otsu, greedy, per_row,
                  kernel="reference") -> SampleResult:
   ids_BxNxK, probs_BxNxK, seen_BxNxK = topk_marginals(
-      logits_BxNxV[:, :n], temperature_N, history_BxH, history_len_B, k=k)
+      logits_BxNxV[:, :n], temperature_N, history_BxHs, history_len_B, k=k)
   u_B = tuple_uniforms(keys, logits_BxNxV.shape[0], per_row=per_row)
   weights = order_weights(ids_BxNxK, cooc, n=n, k=k, alpha=alpha,
                           use_cooc=use_cooc)
@@ -253,7 +253,7 @@ def _check_key(key, batch: int) -> bool:
       f"per row (typed [{batch}] or raw [{batch}, 2]).")
 
 
-def _check_inputs(logits_BxNxV, history_BxH, history_len_B, cooc, *, n, k,
+def _check_inputs(logits_BxNxV, history_BxHs, history_len_B, cooc, *, n, k,
                   temperature, eps_b, alpha, use_cooc, repetition_penalty):
   if np.ndim(logits_BxNxV) != 3:
     raise InputError(f"logits must be [B, N, V], got shape "
@@ -287,26 +287,26 @@ def _check_inputs(logits_BxNxV, history_BxH, history_len_B, cooc, *, n, k,
   if not (isinstance(alpha, (int, float)) and 0 <= alpha < math.inf):
     raise InputError(f"alpha must be a finite Python float >= 0, got "
                      f"{alpha!r}.")
-  if np.ndim(history_BxH) != 2 or np.shape(history_BxH)[0] != b:
+  if np.ndim(history_BxHs) != 2 or np.shape(history_BxHs)[0] != b:
     raise InputError(f"history must be [B={b}, H], got shape "
-                     f"{np.shape(history_BxH)}.")
-  if not jnp.issubdtype(jnp.result_type(history_BxH), jnp.integer):
+                     f"{np.shape(history_BxHs)}.")
+  if not jnp.issubdtype(jnp.result_type(history_BxHs), jnp.integer):
     raise InputError(f"history must hold integer token ids, got dtype "
-                     f"{jnp.result_type(history_BxH)}.")
+                     f"{jnp.result_type(history_BxHs)}.")
   if np.shape(history_len_B) != (b,):
     raise InputError(f"history_len must be [B={b}], got shape "
                      f"{np.shape(history_len_B)}.")
   lengths = _concrete(history_len_B)
   if lengths is not None and (np.any(lengths < 0) or
-                              np.any(lengths > np.shape(history_BxH)[1])):
-    raise InputError(f"history_len must lie in 0..{np.shape(history_BxH)[1]},"
+                              np.any(lengths > np.shape(history_BxHs)[1])):
+    raise InputError(f"history_len must lie in 0..{np.shape(history_BxHs)[1]},"
                      f" got {lengths.tolist()}.")
   if use_cooc and cooc is not None and not hasattr(cooc, "grid_weights"):
     raise InputError(f"cooc must be None or have grid_weights(ids, alpha); "
                      f"got {type(cooc).__name__}.")
 
 
-def dynamo_sample(key, logits_BxNxV, history_BxH, history_len_B, cooc, *,
+def dynamo_sample(key, logits_BxNxV, history_BxHs, history_len_B, cooc, *,
                   n: int, k: int = 50, temperature=0.7, eps_b=0.5,
                   alpha: float = 1.0, use_cooc: bool = True,
                   blur: bool = True, otsu: bool = True,
@@ -319,7 +319,7 @@ def dynamo_sample(key, logits_BxNxV, history_BxH, history_len_B, cooc, *,
       independent of the batch) or one key for the batch (typed [] or raw
       [2]); see the module docstring for how keys are used.
     logits_BxNxV: float [B, N, V], the heads' logits at the last position.
-    history_BxH: int [B, H], tokens already generated (first history_len_B
+    history_BxHs: int [B, Hs], tokens already generated (first history_len_B
       valid per row); their ids are penalised in grids of order >= 2.
     history_len_B: int [B].
     cooc: None or a `CoocWeights` (a pytree of arrays is traced; any other
@@ -344,7 +344,7 @@ def dynamo_sample(key, logits_BxNxV, history_BxH, history_len_B, cooc, *,
     InputError: for arguments outside their documented ranges. Values that
       are traced (a call inside an outer jit) are not checked.
   """
-  _check_inputs(logits_BxNxV, history_BxH, history_len_B, cooc, n=n, k=k,
+  _check_inputs(logits_BxNxV, history_BxHs, history_len_B, cooc, n=n, k=k,
                 temperature=temperature, eps_b=eps_b, alpha=alpha,
                 use_cooc=use_cooc, repetition_penalty=repetition_penalty)
   b, heads, _ = np.shape(logits_BxNxV)
@@ -361,7 +361,7 @@ def dynamo_sample(key, logits_BxNxV, history_BxH, history_len_B, cooc, *,
   leaves = jax.tree_util.tree_leaves(cooc)
   opaque = cooc is not None and len(leaves) == 1 and leaves[0] is cooc
   core = _core_static if opaque else _core_traced
-  return core(key, logits_BxNxV, history_BxH, history_len_B, cooc,
+  return core(key, logits_BxNxV, history_BxHs, history_len_B, cooc,
               temperature_N, as_f32(eps_b), as_f32(repetition_penalty),
               n=int(n), k=int(k), alpha=float(alpha), use_cooc=bool(use_cooc),
               blur=bool(blur), otsu=bool(otsu), greedy=bool(greedy),

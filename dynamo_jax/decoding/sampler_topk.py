@@ -26,7 +26,8 @@ CHUNK = 64
 
 
 def exact_top_k(x_BxNxV: jax.Array, k: int, *, chunk: int = CHUNK):
-  """(values [B, N, k], indices int32 [B, N, k]) exactly as lax.top_k."""
+  """(values [B, N, k], indices int32 [B, N, k]) exactly as lax.top_k.
+  Here C chunks of Q = `chunk` entries of the vocabulary."""
   b, n, v = x_BxNxV.shape
   chunks = -(-v // chunk)
   if chunks < 2 * k:  # too few chunks for the first stage to prune much
@@ -35,11 +36,11 @@ def exact_top_k(x_BxNxV: jax.Array, k: int, *, chunk: int = CHUNK):
   # since its indices are the highest; k <= V keeps it out of the result.
   padded = jnp.pad(x_BxNxV, ((0, 0), (0, 0), (0, chunks * chunk - v)),
                    constant_values=-jnp.inf)
-  x_BxNxCxL = padded.reshape(b, n, chunks, chunk)
-  _, best_BxNxK = jax.lax.top_k(jnp.max(x_BxNxCxL, axis=3), k)
+  x_BxNxCxQ = padded.reshape(b, n, chunks, chunk)
+  _, best_BxNxK = jax.lax.top_k(jnp.max(x_BxNxCxQ, axis=3), k)
   best_BxNxK = jnp.sort(best_BxNxK, axis=2)
-  cand_BxNxKxL = jnp.take_along_axis(x_BxNxCxL, best_BxNxK[..., None], axis=2)
-  values, pos_BxNxK = jax.lax.top_k(cand_BxNxKxL.reshape(b, n, k * chunk), k)
+  cand_BxNxKxQ = jnp.take_along_axis(x_BxNxCxQ, best_BxNxK[..., None], axis=2)
+  values, pos_BxNxK = jax.lax.top_k(cand_BxNxKxQ.reshape(b, n, k * chunk), k)
   ids_BxNxK = (jnp.take_along_axis(best_BxNxK, pos_BxNxK // chunk, axis=2)
                * chunk + pos_BxNxK % chunk)
   return values, ids_BxNxK.astype(jnp.int32)

@@ -18,6 +18,9 @@ Greedy output therefore equals plain AR greedy token for token, and sampled
 output has exactly the distribution of AR sampling from head 1 at the same
 temperature (standard speculative-sampling acceptance; a draft may come from
 any proposal fixed before the check, such as head i's marginal here).
+
+Shapes (dynamo_jax.model.config): Nd = n - 1 drafted tokens, G new tokens,
+Np forward passes.
 """
 
 from __future__ import annotations
@@ -56,25 +59,26 @@ def _propose(logits_BxNxV, keys_B, temperature, greedy):
   return tokens_BxN[:, 0], tokens_BxN[:, 1:], probs_BxNxV[:, 1:]
 
 
-def _verify(p_BxNxV, drafts_BxD, q_BxDxV, keys_B, greedy):
+def _verify(p_BxNxV, drafts_BxNd, q_BxNdxV, keys_B, greedy):
   """(j accepted drafts [B], next token x' [B])."""
   b, n, _ = p_BxNxV.shape
   rows = jnp.arange(b)
   if greedy:
     best_BxN = jnp.argmax(p_BxNxV, axis=-1).astype(jnp.int32)
-    ok_BxD = drafts_BxD == best_BxN[:, :-1]
+    ok_BxNd = drafts_BxNd == best_BxN[:, :-1]
   else:
-    p_d_BxD = jnp.take_along_axis(p_BxNxV[:, :-1], drafts_BxD[..., None], -1)[..., 0]
-    q_d_BxD = jnp.take_along_axis(q_BxDxV, drafts_BxD[..., None], -1)[..., 0]
-    u_BxD = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1),
+    p_d_BxNd = jnp.take_along_axis(p_BxNxV[:, :-1], drafts_BxNd[..., None],
+                                   -1)[..., 0]
+    q_d_BxNd = jnp.take_along_axis(q_BxNdxV, drafts_BxNd[..., None], -1)[..., 0]
+    u_BxNd = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1),
                                                   (n - 1,)))(keys_B)
-    ok_BxD = u_BxD * q_d_BxD < p_d_BxD  # u < p/q, without dividing by 0
-  j_B = jnp.sum(jnp.cumprod(ok_BxD.astype(jnp.int32), axis=1), axis=1)
+    ok_BxNd = u_BxNd * q_d_BxNd < p_d_BxNd  # u < p/q, without dividing by 0
+  j_B = jnp.sum(jnp.cumprod(ok_BxNd.astype(jnp.int32), axis=1), axis=1)
   if greedy:
     return j_B, best_BxN[rows, j_B]
   p_j_BxV = p_BxNxV[rows, j_B]
   q_next_BxV = jnp.concatenate(
-      [q_BxDxV, jnp.zeros_like(q_BxDxV[:, :1])], axis=1)[rows, j_B]
+      [q_BxNdxV, jnp.zeros_like(q_BxNdxV[:, :1])], axis=1)[rows, j_B]
   residual_BxV = jnp.maximum(p_j_BxV - q_next_BxV, 0.0)  # q_next = 0 if all ok
   total_B = jnp.sum(residual_BxV, axis=-1, keepdims=True)
   # p == q exactly leaves no residual; then any draw from p is exact.
@@ -94,12 +98,12 @@ def generate_verified(config: PythiaConfig, params: Params, prompt_BxP,
   cache = init_cache(config, b, p + max_new_tokens + n, all_heads=True)
   logits_NxBx1xV, cache = forward_cached(config, params, cache, prompt_BxP,
                                          all_heads=True, last_only=True)
-  x_B, d_BxD, q_BxDxV = _propose(jnp.swapaxes(logits_NxBx1xV[:, :, 0], 0, 1),
+  x_B, d_BxNd, q_BxNdxV = _propose(jnp.swapaxes(logits_NxBx1xV[:, :, 0], 0, 1),
                                  pass_keys(row_keys_Bx2, 0), temperature, greedy)
-  out_BxL = jnp.zeros((b, max_new_tokens + n), jnp.int32).at[:, 0].set(x_B)
+  out_BxG = jnp.zeros((b, max_new_tokens + n), jnp.int32).at[:, 0].set(x_B)
   count_B = jnp.ones((b,), jnp.int32)
-  accepted_BxP = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(1)
-  carry = (cache, out_BxL, count_B, x_B, d_BxD, q_BxDxV, accepted_BxP,
+  accepted_BxNp = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(1)
+  carry = (cache, out_BxG, count_B, x_B, d_BxNd, q_BxNdxV, accepted_BxNp,
            jnp.int32(1))
 
   def cond(carry):
@@ -107,9 +111,10 @@ def generate_verified(config: PythiaConfig, params: Params, prompt_BxP,
     return jnp.any(count_B < max_new_tokens) & (passes < max_new_tokens)
 
   def body(carry):
-    cache, out_BxL, count_B, x_B, d_BxD, q_BxDxV, accepted_BxP, passes = carry
+    (cache, out_BxG, count_B, x_B, d_BxNd, q_BxNdxV, accepted_BxNp,
+     passes) = carry
     keys_B = pass_keys(row_keys_Bx2, passes)
-    chunk_BxN = jnp.concatenate([x_B[:, None], d_BxD], axis=1)
+    chunk_BxN = jnp.concatenate([x_B[:, None], d_BxNd], axis=1)
     active_B = count_B < max_new_tokens
     end_B = cache["end"]
     logits_NxBxNxV, cache = forward_cached(config, params, cache, chunk_BxN,
@@ -118,7 +123,7 @@ def generate_verified(config: PythiaConfig, params: Params, prompt_BxP,
     head1_BxNxV = logits_NxBxNxV[0]
     if not greedy:
       head1_BxNxV = jax.nn.softmax(head1_BxNxV / temperature, axis=-1)
-    j_B, x_next_B = _verify(head1_BxNxV, d_BxD, q_BxDxV, keys_B, greedy)
+    j_B, x_next_B = _verify(head1_BxNxV, d_BxNd, q_BxNdxV, keys_B, greedy)
     # The cache keeps x and the accepted drafts; entries written for the
     # rejected ones lie past the new end and are overwritten before any
     # query can see them.
@@ -126,19 +131,19 @@ def generate_verified(config: PythiaConfig, params: Params, prompt_BxP,
     # New drafts from heads 2..n at the last accepted position j.
     at_j_BxNxV = jax.vmap(lambda l, j: l[:, j], in_axes=(1, 0))(
         logits_NxBxNxV, j_B)
-    _, d_new_BxD, q_new_BxDxV = _propose(at_j_BxNxV, _sub(keys_B, 3),
+    _, d_new_BxNd, q_new_BxNdxV = _propose(at_j_BxNxV, _sub(keys_B, 3),
                                          temperature, greedy)
     emitted_BxN = jnp.where(jnp.arange(n)[None] < j_B[:, None],
-                            jnp.pad(d_BxD, ((0, 0), (0, 1))), 0)
+                            jnp.pad(d_BxNd, ((0, 0), (0, 1))), 0)
     emitted_BxN = jnp.where(jnp.arange(n)[None] == j_B[:, None],
                             x_next_B[:, None], emitted_BxN)
     m_B = jnp.where(active_B, j_B + 1, 0)
-    out_BxL = jnp.where(active_B[:, None],
-                        write_rows(out_BxL, emitted_BxN, count_B), out_BxL)
-    accepted_BxP = accepted_BxP.at[:, passes].set(m_B)
-    return (cache, out_BxL, count_B + m_B, x_next_B, d_new_BxD, q_new_BxDxV,
-            accepted_BxP, passes + 1)
+    out_BxG = jnp.where(active_B[:, None],
+                        write_rows(out_BxG, emitted_BxN, count_B), out_BxG)
+    accepted_BxNp = accepted_BxNp.at[:, passes].set(m_B)
+    return (cache, out_BxG, count_B + m_B, x_next_B, d_new_BxNd, q_new_BxNdxV,
+            accepted_BxNp, passes + 1)
 
-  _, out_BxL, _, _, _, _, accepted_BxP, passes = jax.lax.while_loop(
+  _, out_BxG, _, _, _, _, accepted_BxNp, passes = jax.lax.while_loop(
       cond, body, carry)
-  return out_BxL[:, :max_new_tokens], accepted_BxP, passes
+  return out_BxG[:, :max_new_tokens], accepted_BxNp, passes

@@ -10,7 +10,7 @@ continuation are encoded whole and split at the context's token length; an
 empty context is the EOS token. Inputs longer than the model are cut from
 the left.
 
-Shapes: B rows (the batch_size option), L a padded length (a power of two,
+Shapes: B rows (the batch_size option), T a padded length (a power of two,
 at least 16, at most max_length), V vocabulary.
 """
 
@@ -152,11 +152,11 @@ def _bucket(n: int, cap: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _target_logprobs(config, params, tokens_BxL, targets_BxL):
+def _target_logprobs(config, params, tokens_BxT, targets_BxT):
   """Head 1's log p(target) float32 [B, L] and its argmax int32 [B, L]."""
-  logits_BxLxV = forward(config, params, tokens_BxL)
-  return (-token_nll(logits_BxLxV, targets_BxL),
-          jnp.argmax(logits_BxLxV, axis=-1).astype(jnp.int32))
+  logits_BxTxV = forward(config, params, tokens_BxT)
+  return (-token_nll(logits_BxTxV, targets_BxT),
+          jnp.argmax(logits_BxTxV, axis=-1).astype(jnp.int32))
 
 
 @register_model("dynamo_jax")
@@ -261,20 +261,20 @@ class DynamoLM(TemplateLM):
       for start in range(0, len(todo), b):
         chunk = todo[start:start + b]
         width = _bucket(len(rows[chunk[0]][0]) - 1, self.max_length)
-        tokens_BxL = np.full((b, width), pad, np.int32)
-        targets_BxL = np.full((b, width), pad, np.int32)
+        tokens_BxT = np.full((b, width), pad, np.int32)
+        targets_BxT = np.full((b, width), pad, np.int32)
         for r, i in enumerate(chunk):
           whole = rows[i][0]
-          tokens_BxL[r, :len(whole) - 1] = whole[:-1]
-          targets_BxL[r, :len(whole) - 1] = whole[1:]
-        logp_BxL, best_BxL = jax.device_get(_target_logprobs(
-            self.model.config, self.model.params, jnp.asarray(tokens_BxL),
-            jnp.asarray(targets_BxL)))
+          tokens_BxT[r, :len(whole) - 1] = whole[:-1]
+          targets_BxT[r, :len(whole) - 1] = whole[1:]
+        logp_BxT, best_BxT = jax.device_get(_target_logprobs(
+            self.model.config, self.model.params, jnp.asarray(tokens_BxT),
+            jnp.asarray(targets_BxT)))
         for r, i in enumerate(chunk):
           whole, c = rows[i]
           span = slice(len(whole) - 1 - c, len(whole) - 1)
-          results[i] = (float(np.sum(logp_BxL[r, span], dtype=np.float64)),
-                        bool(np.all(best_BxL[r, span] == targets_BxL[r, span])))
+          results[i] = (float(np.sum(logp_BxT[r, span], dtype=np.float64)),
+                        bool(np.all(best_BxT[r, span] == targets_BxT[r, span])))
         bar.update(len(chunk))
     return results
 

@@ -102,9 +102,9 @@ def baselines(rows: list[dict]) -> list[int | None]:
   return out
 
 
-def repetition_rate(tokens_L, n: int = 4) -> float:
+def repetition_rate(tokens_X, n: int = 4) -> float:
   """Fraction of tokens inside an n-gram seen earlier (module docstring)."""
-  toks = [int(t) for t in tokens_L]
+  toks = [int(t) for t in tokens_X]
   if not toks:
     return float("nan")
   seen, covered = set(), np.zeros(len(toks), bool)
@@ -153,13 +153,13 @@ def reference_nll(rows: list[dict], reference: str | None = None,
                               disable=len(chunks) < 2):
       chunk = list(chunk) + [chunk[0]] * (batch_size - len(chunk))
       prompt_BxP = np.asarray([seqs[i][0] for i in chunk], np.int32)
-      tokens_BxL = np.zeros((batch_size, length), np.int32)
+      tokens_BxG = np.zeros((batch_size, length), np.int32)
       for b, i in enumerate(chunk):
-        tokens_BxL[b, :len(seqs[i][1])] = seqs[i][1]
-      nll_BxL = continuation_nll(model.config, model.params, prompt_BxP,
-                                 tokens_BxL)
+        tokens_BxG[b, :len(seqs[i][1])] = seqs[i][1]
+      nll_BxG = continuation_nll(model.config, model.params, prompt_BxP,
+                                 tokens_BxG)
       for b, i in enumerate(chunk):
-        out[i] = nll_BxL[b, :len(seqs[i][1])]
+        out[i] = nll_BxG[b, :len(seqs[i][1])]
   return out
 
 

@@ -236,18 +236,18 @@ def dynamic_perplexity(nll_NxX: np.ndarray, m_X: np.ndarray,
           "tokens_per_pass_d": tokens / tuples}
 
 
-def perplexities(nll_NxP: np.ndarray) -> dict[str, float]:
+def perplexities(nll_NxX: np.ndarray) -> dict[str, float]:
   """PPL_n and PPL_1:n (n >= 2) from `head_nll`'s output."""
-  n = nll_NxP.shape[0]
+  n = nll_NxX.shape[0]
   out = {}
   for h in range(1, n + 1):
-    valid = ~np.isnan(nll_NxP[h - 1])
-    out[f"ppl_{h}"] = math.exp(float(nll_NxP[h - 1][valid].mean()))
+    valid = ~np.isnan(nll_NxX[h - 1])
+    out[f"ppl_{h}"] = math.exp(float(nll_NxX[h - 1][valid].mean()))
   for h in range(2, n + 1):
-    valid = ~np.isnan(nll_NxP[h - 1])  # t+h in the document: so are t+1..t+h-1
-    joint = nll_NxP[:h, valid].mean(axis=0)
+    valid = ~np.isnan(nll_NxX[h - 1])  # t+h in the document: so are t+1..t+h-1
+    joint = nll_NxX[:h, valid].mean(axis=0)
     out[f"ppl_1:{h}"] = math.exp(float(joint.mean()))
-  out["positions"] = int(nll_NxP.shape[1])
+  out["positions"] = int(nll_NxX.shape[1])
   return out
 
 

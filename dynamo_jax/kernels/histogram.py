@@ -47,45 +47,45 @@ def histogram_sweep(real_bins, *, layout: Layout):
 
 def histogram_onehot(real_bins, *, layout: Layout):
   """`histogram_sweep` by one-hot matmuls (GPU tensor cores): with bin =
-  16 h + l, counts[h, l] = onehot(h)^T @ onehot(l) over HR rows (N =
+  16 h + l, counts[h, l] = onehot(h)^T @ onehot(l) over HR rows (J =
   TRITON_HIST_ENTRIES entries) at a time, so registers stay small; 32
   compares per entry instead of NB. 0/1 bf16 operands with f32
   accumulation are exact; so are the prefix sums, done as [16, 16] matmuls
   (IEEE f32) in two levels."""
   f32 = jnp.float32
   hi = jax.lax.Precision.HIGHEST
-  side = 16  # NB = side * side
+  side = 16  # Q: NB = Q x Q bins, bin = 16 h + l
   # Rows per matmul: powers of two, so hr divides TR and hence Rp.
   hr = min(max(1, TRITON_HIST_ENTRIES // layout.lanes), layout.block_rows)
   n = hr * layout.lanes
-  iota_Sx1 = jax.lax.broadcasted_iota(jnp.int32, (side, 1), 0)
-  iota_1xS = jax.lax.broadcasted_iota(jnp.int32, (1, side), 1)
+  iota_Qx1 = jax.lax.broadcasted_iota(jnp.int32, (side, 1), 0)
+  iota_1xQ = jax.lax.broadcasted_iota(jnp.int32, (1, side), 1)
 
-  def body(i, counts_SxS):
+  def body(i, counts_QxQ):
     # Padding has bin NB, whose h = 16 matches no row of the one-hot.
     bins = real_bins(pl.multiple_of(i * hr, hr), hr)
-    hot_h_SxN = ((bins.reshape(1, n) // side) == iota_Sx1).astype(
+    hot_h_QxJ = ((bins.reshape(1, n) // side) == iota_Qx1).astype(
         jnp.bfloat16)
-    hot_l_NxS = ((bins.reshape(n, 1) % side) == iota_1xS).astype(
+    hot_l_JxQ = ((bins.reshape(n, 1) % side) == iota_1xQ).astype(
         jnp.bfloat16)
-    return counts_SxS + jnp.dot(hot_h_SxN, hot_l_NxS,
+    return counts_QxQ + jnp.dot(hot_h_QxJ, hot_l_JxQ,
                                 preferred_element_type=f32)
 
-  counts_SxS = jax.lax.fori_loop(0, layout.rows_pad // hr, body,
+  counts_QxQ = jax.lax.fori_loop(0, layout.rows_pad // hr, body,
                                  jnp.zeros((side, side), f32))
-  row_SxS = jax.lax.broadcasted_iota(jnp.int32, (side, side), 0)
-  col_SxS = jax.lax.broadcasted_iota(jnp.int32, (side, side), 1)
-  upto_SxS = (row_SxS <= col_SxS).astype(f32)    # [l', l]: l' <= l
-  before_SxS = (col_SxS < row_SxS).astype(f32)   # [h, h']: h' < h
-  ones_SxS = jnp.ones((side, side), f32)
+  row_QxQ = jax.lax.broadcasted_iota(jnp.int32, (side, side), 0)
+  col_QxQ = jax.lax.broadcasted_iota(jnp.int32, (side, side), 1)
+  upto_QxQ = (row_QxQ <= col_QxQ).astype(f32)    # [l', l]: l' <= l
+  before_QxQ = (col_QxQ < row_QxQ).astype(f32)   # [h, h']: h' < h
+  ones_QxQ = jnp.ones((side, side), f32)
 
-  def cumulative(x_SxS):  # entry (h, l) = sum of x over bins <= 16 h + l
-    rows_SxS = jnp.dot(x_SxS, ones_SxS, precision=hi,
+  def cumulative(x_QxQ):  # entry (h, l) = sum of x over bins <= 16 h + l
+    rows_QxQ = jnp.dot(x_QxQ, ones_QxQ, precision=hi,
                        preferred_element_type=f32)  # row sums, broadcast
-    return (jnp.dot(before_SxS, rows_SxS, precision=hi,
+    return (jnp.dot(before_QxQ, rows_QxQ, precision=hi,
                     preferred_element_type=f32) +
-            jnp.dot(x_SxS, upto_SxS, precision=hi,
+            jnp.dot(x_QxQ, upto_QxQ, precision=hi,
                     preferred_element_type=f32)).reshape(1, NB)
 
-  bin_SxS = (row_SxS * side + col_SxS).astype(f32)
-  return cumulative(counts_SxS), cumulative(counts_SxS * bin_SxS)
+  bin_QxQ = (row_QxQ * side + col_QxQ).astype(f32)
+  return cumulative(counts_QxQ), cumulative(counts_QxQ * bin_QxQ)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.partitioning import constrain
 
-Cache = dict[str, jax.Array]  # {"k": [B,S,H,K], "v": [B,S,H,K]}
+Cache = dict[str, jax.Array]  # {"k": [B,S,H,Dh], "v": [B,S,H,Dh]}
 
 
 def param(module: nn.Module, name: str, shape, axes, init, dtype):
@@ -76,23 +76,23 @@ def rotary_cos_sin(config: PythiaConfig, positions_BxT):
   return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rotary(x_BxTxHxK, cos, sin, rotary_dim: int):
+def apply_rotary(x_BxTxHxDh, cos, sin, rotary_dim: int):
   """Rotates the first `rotary_dim` dims of each head; the rest pass through."""
   if rotary_dim == 0:
-    return x_BxTxHxK
-  x = x_BxTxHxK.astype(jnp.float32)
+    return x_BxTxHxDh
+  x = x_BxTxHxDh.astype(jnp.float32)
   x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
   half = rotary_dim // 2
   rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
   x_rot = x_rot * cos + rotated * sin
-  return jnp.concatenate([x_rot, x_pass], axis=-1).astype(x_BxTxHxK.dtype)
+  return jnp.concatenate([x_rot, x_pass], axis=-1).astype(x_BxTxHxDh.dtype)
 
 
-def write_cache(cache_BxSxHxK, new_BxTxHxK, end_B):
+def write_cache(cache_BxSxHxDh, new_BxTxHxDh, end_B):
   """Writes each row's T new entries at that row's own end index."""
   return jax.vmap(
       lambda c, u, e: jax.lax.dynamic_update_slice(c, u, (e, 0, 0))
-  )(cache_BxSxHxK, new_BxTxHxK.astype(cache_BxSxHxK.dtype), end_B)
+  )(cache_BxSxHxDh, new_BxTxHxDh.astype(cache_BxSxHxDh.dtype), end_B)
 
 
 class Attention(nn.Module):
@@ -115,28 +115,28 @@ class Attention(nn.Module):
     b_out = param(self, "out_bias", (d,), ("embed",), nn.initializers.zeros,
                   cfg.param_dtype)
 
-    qkv_BxTxHx3xK = jnp.einsum("btd,dhck->bthck", x_BxTxD,
+    qkv_BxTxHx3xDh = jnp.einsum("btd,dhck->bthck", x_BxTxD,
                                w_qkv.astype(cfg.dtype)) + b_qkv.astype(cfg.dtype)
-    q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (qkv_BxTxHx3xK[:, :, :, i]
+    q_BxTxHxDh, k_BxTxHxDh, v_BxTxHxDh = (qkv_BxTxHx3xDh[:, :, :, i]
                                        for i in range(3))
     cos, sin = rotary_cos_sin(cfg, positions_BxT)
-    q_BxTxHxK = apply_rotary(q_BxTxHxK, cos, sin, cfg.rotary_dim)
-    k_BxTxHxK = apply_rotary(k_BxTxHxK, cos, sin, cfg.rotary_dim)
+    q_BxTxHxDh = apply_rotary(q_BxTxHxDh, cos, sin, cfg.rotary_dim)
+    k_BxTxHxDh = apply_rotary(k_BxTxHxDh, cos, sin, cfg.rotary_dim)
 
     if cache is None:
-      keys_BxSxHxK, values_BxSxHxK = k_BxTxHxK, v_BxTxHxK
+      keys_BxSxHxDh, values_BxSxHxDh = k_BxTxHxDh, v_BxTxHxDh
       key_pos_BxS = positions_BxT
       new_cache = None
     else:
-      keys_BxSxHxK = write_cache(cache["k"], k_BxTxHxK, end_B)
-      values_BxSxHxK = write_cache(cache["v"], v_BxTxHxK, end_B)
-      s = keys_BxSxHxK.shape[1]
+      keys_BxSxHxDh = write_cache(cache["k"], k_BxTxHxDh, end_B)
+      values_BxSxHxDh = write_cache(cache["v"], v_BxTxHxDh, end_B)
+      s = keys_BxSxHxDh.shape[1]
       key_pos_BxS = jnp.broadcast_to(jnp.arange(s), (x_BxTxD.shape[0], s))
-      new_cache = {"k": keys_BxSxHxK, "v": values_BxSxHxK}
+      new_cache = {"k": keys_BxSxHxDh, "v": values_BxSxHxDh}
 
     # Scores and softmax in float32; scaling 1/sqrt(head_dim) as GPT-NeoX.
     scores_BxHxTxS = jnp.einsum(
-        "bthk,bshk->bhts", q_BxTxHxK, keys_BxSxHxK.astype(cfg.dtype),
+        "bthk,bshk->bhts", q_BxTxHxDh, keys_BxSxHxDh.astype(cfg.dtype),
         preferred_element_type=jnp.float32) * (k ** -0.5)
     # Causal by position: a key is visible iff its position <= the query's.
     # Cache slots past the query are either unwritten or this call's own
@@ -145,9 +145,9 @@ class Attention(nn.Module):
     scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS,
                                jnp.finfo(jnp.float32).min)
     probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(cfg.dtype)
-    out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS,
-                             values_BxSxHxK.astype(cfg.dtype))
-    y_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxHxK,
+    out_BxTxHxDh = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS,
+                             values_BxSxHxDh.astype(cfg.dtype))
+    y_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxHxDh,
                          w_out.astype(cfg.dtype)) + b_out.astype(cfg.dtype)
     return y_BxTxD, new_cache
 

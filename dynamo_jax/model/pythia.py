@@ -131,9 +131,9 @@ class Pythia(nn.Module):
     head1_BxTxV = self.unembed(hiddens[0])
     if len(hiddens) == 1:
       return head1_BxTxV[None], updates
-    rest_MBxTxV = self.unembed(jnp.concatenate(hiddens[1:], axis=0))
+    rest_NBxTxV = self.unembed(jnp.concatenate(hiddens[1:], axis=0))
     return jnp.concatenate([head1_BxTxV[None],
-                            rest_MBxTxV.reshape(-1, b, t, head1_BxTxV.shape[-1])]
+                            rest_NBxTxV.reshape(-1, b, t, head1_BxTxV.shape[-1])]
                            ), updates
 
 

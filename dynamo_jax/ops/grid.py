@@ -7,7 +7,8 @@ the decode step's reference path and the jnp reference of the Pallas kernel
 (dynamo_jax/kernels). No Python control flow on traced values.
 
 Shape letters: B batch, M order of the grid (heads 1..M), K top-k, E = K^M
-entries of one grid, R = K^(M-1) rows of K entries, NB histogram bins.
+entries of one grid, R = K^(M-1) rows of K entries, X a generic length;
+here NB histogram bins.
 
 Decisions (the paper is silent on each):
   * Blur: OpenCV's `GaussianBlur(ksize=3, sigma=0)` kernel. For ksize 3
@@ -148,28 +149,28 @@ def threshold_grid(joint: jax.Array, divisor: jax.Array, eps_b: jax.Array, *,
   return jnp.where(keep, joint / divisor, 0.0).reshape(joint.shape[0], -1)
 
 
-def _first_true(mask_BxL: jax.Array) -> jax.Array:
+def _first_true(mask_BxX: jax.Array) -> jax.Array:
   """int32 [B]: index of the first True per row, or L when none."""
-  length = mask_BxL.shape[1]
+  length = mask_BxX.shape[1]
   idx = jnp.arange(length, dtype=jnp.int32)
-  return jnp.min(jnp.where(mask_BxL, idx, length), axis=1)
+  return jnp.min(jnp.where(mask_BxX, idx, length), axis=1)
 
 
-def _last_true(mask_BxL: jax.Array) -> jax.Array:
+def _last_true(mask_BxX: jax.Array) -> jax.Array:
   """int32 [B]: index of the last True per row, or 0 when none."""
-  idx = jnp.arange(mask_BxL.shape[1], dtype=jnp.int32)
-  return jnp.max(jnp.where(mask_BxL, idx, 0), axis=1)
+  idx = jnp.arange(mask_BxX.shape[1], dtype=jnp.int32)
+  return jnp.max(jnp.where(mask_BxX, idx, 0), axis=1)
 
 
-def _pick(values_BxL, target_B):
+def _pick(values_BxX, target_B):
   """First index with cumsum > target among positive entries; rounding can
   leave none (target ~ total), then the last positive entry. Also returns
   the cumulative mass before the chosen index."""
-  csum_BxL = jnp.cumsum(values_BxL, axis=1)
-  positive = values_BxL > 0
-  first = _first_true((csum_BxL > target_B[:, None]) & positive)
-  idx = jnp.where(first < values_BxL.shape[1], first, _last_true(positive))
-  before = jnp.take_along_axis(csum_BxL - values_BxL, idx[:, None], axis=1)
+  csum_BxX = jnp.cumsum(values_BxX, axis=1)
+  positive = values_BxX > 0
+  first = _first_true((csum_BxX > target_B[:, None]) & positive)
+  idx = jnp.where(first < values_BxX.shape[1], first, _last_true(positive))
+  before = jnp.take_along_axis(csum_BxX - values_BxX, idx[:, None], axis=1)
   return idx, before[:, 0]
 
 

@@ -86,9 +86,7 @@ def _train(args) -> None:
   from dynamo_jax import distributed
   from dynamo_jax.training.config import load_config
   from dynamo_jax.training.loop import train
-  flags = (args.coordinator, args.num_processes, args.process_id)
-  if args.distributed or any(f is not None for f in flags):
-    distributed.initialize(*flags, timeout_s=args.coordinator_timeout)
+  distributed.initialize_from_args(args)
   overrides = list(args.overrides)
   if args.steps is not None:
     overrides.append(f"steps={args.steps}")
@@ -153,20 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="run directory: checkpoints, metrics.jsonl, tensorboard;"
                  " re-running the same command resumes")
   p.add_argument("--steps", type=int, help="total steps (overrides config)")
-  p.add_argument("--distributed", action="store_true",
-                 help="one process per host (TPU pod slices, multi-host GPU):"
-                 " join the others; alone, JAX detects the cluster (TPU VM, "
-                 "SLURM), else give the next three flags")
-  p.add_argument("--coordinator", metavar="HOST:PORT",
-                 help="process 0's address, the same on every process "
-                 "(implies --distributed)")
-  p.add_argument("--num-processes", type=int, metavar="N",
-                 help="number of processes (hosts)")
-  p.add_argument("--process-id", type=int, metavar="I",
-                 help="this process, 0..N-1")
-  p.add_argument("--coordinator-timeout", type=int, metavar="SECONDS",
-                 default=300, help="how long to wait for all processes to "
-                 "join (default 300)")
+  from dynamo_jax import distributed  # pylint: disable=import-outside-toplevel
+  distributed.add_arguments(p)
   p.add_argument("overrides", nargs="*", metavar="key=value",
                  help="config overrides, e.g. optim.lr_base=1e-5 data.paths="
                  "'[\"a.bin\"]'")

@@ -8,14 +8,20 @@ process's devices. On CPU the cross-process collectives go through gloo.
   initialize()                                   # TPU VM / SLURM: auto-detect
   initialize("10.0.0.2:8476", num_processes=2, process_id=1)
   check_shared_dir(workdir)                      # after initialize, on all
+
+A subcommand that can run this way takes the flags from `add_arguments`
+and joins with `initialize_from_args(args)`; `allgather`, `barrier` and
+`check_all_ok` are its collectives on host (numpy) data.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import secrets
 import socket
+import sys
 import time
 
 import jax
@@ -33,6 +39,83 @@ _MARKER = ".dynamo_shared_check"
 
 class DistributedError(DynamoError):
   """The processes of a multi-process run cannot form one run."""
+
+
+def add_arguments(parser) -> None:
+  """Adds --distributed, --coordinator, --num-processes, --process-id and
+  --coordinator-timeout to an argparse parser."""
+  parser.add_argument(
+      "--distributed", action="store_true",
+      help="one process per host (TPU pod slices, multi-host GPU): join the "
+      "others; alone, JAX detects the cluster (TPU VM, SLURM), else give the "
+      "next three flags")
+  parser.add_argument("--coordinator", metavar="HOST:PORT",
+                      help="process 0's address, the same on every process "
+                      "(implies --distributed)")
+  parser.add_argument("--num-processes", type=int, metavar="N",
+                      help="number of processes (hosts)")
+  parser.add_argument("--process-id", type=int, metavar="I",
+                      help="this process, 0..N-1")
+  parser.add_argument("--coordinator-timeout", type=int, metavar="SECONDS",
+                      default=DEFAULT_TIMEOUT_S, help="how long to wait for "
+                      f"all processes to join (default {DEFAULT_TIMEOUT_S})")
+
+
+def initialize_from_args(args) -> bool:
+  """`initialize` from `add_arguments`' flags when any is given; returns
+  whether this process joined a multi-process run."""
+  flags = (args.coordinator, args.num_processes, args.process_id)
+  if not (args.distributed or any(f is not None for f in flags)):
+    return False
+  initialize(*flags, timeout_s=args.coordinator_timeout)
+  return True
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+  """Gloo prints "[Gloo] Rank 0 is connected to 1 peer ranks" to the
+  process's stdout when its first collective connects; sent to stderr, it
+  cannot break a command's --json output."""
+  sys.stdout.flush()
+  saved = os.dup(1)
+  try:
+    os.dup2(2, 1)
+    yield
+  finally:
+    os.dup2(saved, 1)
+    os.close(saved)
+
+
+def allgather(x: np.ndarray) -> np.ndarray:
+  """[P, *x.shape]: every process's `x` (same shape and dtype on all), in
+  process order; `x[None]` for one process."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x[None]
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  with _stdout_to_stderr():
+    return np.asarray(multihost_utils.process_allgather(x))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process has reached `barrier(name)`."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    with _stdout_to_stderr():
+      multihost_utils.sync_global_devices(f"dynamo_jax:{name}")
+
+
+def check_all_ok(ok: bool, what: str) -> None:
+  """A barrier that also tells every process whether the others succeeded
+  at `what`: raises DistributedError on the processes that did, naming the
+  ones that did not (which raise their own error)."""
+  failed = [p for p, o in enumerate(allgather(np.asarray(ok)).reshape(-1))
+            if not o]
+  if ok and failed:
+    raise DistributedError(
+        f"process{'es' if len(failed) > 1 else ''} "
+        f"{', '.join(map(str, failed))} failed while {what}: see "
+        f"{'their' if len(failed) > 1 else 'its'} own error.")
 
 
 def initialize(coordinator: str | None = None,

@@ -43,7 +43,8 @@ W - stride tokens of context (stride = W: non-overlapping windows). Targets
 may lie past a window's end: they are read from the document.
 
 Shapes: N token heads, B windows per batch, W window, V vocabulary, X
-scored positions of a stream (`nll_NxX`), C rows per sampler chunk.
+scored positions of a stream (`nll_NxX`), C rows per sampler chunk; in a
+multi-process run Pr processes, Nb batches scored by each.
 """
 
 from __future__ import annotations
@@ -193,28 +194,67 @@ def _scan(config, params, stream, *, eos_id, window, stride, batch_size,
   if not windows:
     raise InputError("the stream has no position to score (no document of "
                      "two or more tokens).")
+  batches = list(_batches(docs, windows, n, window, batch_size))
   rows, m_rows = [], []
-  bar = tqdm(total=len(windows), desc="scoring", unit="window",
-             disable=not progress)
-  for tokens, targets, used in _batches(docs, windows, n, window, batch_size):
-    if orders is None:
-      nll = _window_nll(config, params, jnp.asarray(tokens),
-                        jnp.asarray(targets))
-    else:
-      nll, m = _window_nll_orders(config, params, jnp.asarray(tokens),
-                                  jnp.asarray(targets), **orders)
-      m = np.asarray(m)
+  for (_, targets, used), (nll, m) in zip(
+      batches, _score(config, params, batches, orders, progress)):
     nll = np.where(targets >= 0, np.asarray(nll, np.float64), np.nan)
     for b in range(used):
       w = windows[len(rows)]
       rows.append(nll[:, b, w.first:w.last])
       if orders is not None:
         m_rows.append(m[b, w.first:w.last])
-    bar.update(used)
-  bar.close()
   sizes = [max(d.size - 1, 0) for d in docs]
   return (np.concatenate(rows, axis=1),
           np.concatenate(m_rows) if orders is not None else None, sizes)
+
+
+def _score(config, params, batches, orders, progress):
+  """[(nll float32 [N, B, W], m int32 [B, W] or None)] of every batch, in
+  order. In a multi-process run process p scores batches p, p + P, ... and
+  every process receives all of them; each batch is computed by the same
+  program as by one process, so the results are the same bits."""
+  count, index = jax.process_count(), jax.process_index()
+  mine = batches[index::count]
+  out = []
+  bar = tqdm(total=sum(used for _, _, used in mine), desc="scoring",
+             unit="window", disable=not progress or index != 0)
+  for tokens, targets, used in mine:
+    if orders is None:
+      nll = _window_nll(config, params, jnp.asarray(tokens),
+                        jnp.asarray(targets))
+      m = None
+    else:
+      nll, m = _window_nll_orders(config, params, jnp.asarray(tokens),
+                                  jnp.asarray(targets), **orders)
+      m = np.asarray(m)
+    out.append((np.asarray(nll, np.float32), m))
+    bar.update(used)
+  bar.close()
+  if count == 1:
+    return out
+  return _gather_batches(out, batches, count, orders is not None)
+
+
+def _gather_batches(mine, batches, count, with_m):
+  """Every process's `_score` results, in batch order: padded to the same
+  number of batches per process, stacked, all-gathered."""
+  # pylint: disable-next=import-outside-toplevel
+  from dynamo_jax import distributed
+  total = len(batches)
+  shape_NxBxW = batches[0][1].shape
+  per = -(-total // count)
+  nll_NbxNxBxW = np.zeros((per,) + shape_NxBxW, np.float32)
+  m_NbxBxW = np.zeros((per,) + shape_NxBxW[1:], np.int32)
+  for i, (nll, m) in enumerate(mine):
+    nll_NbxNxBxW[i] = nll
+    if m is not None:
+      m_NbxBxW[i] = m
+  nll_PrxNbxNxBxW = distributed.allgather(nll_NbxNxBxW)
+  m_PrxNbxBxW = distributed.allgather(m_NbxBxW) if with_m else None
+  return [(nll_PrxNbxNxBxW[i % count, i // count],
+           m_PrxNbxBxW[i % count, i // count] if with_m else None)
+          for i in range(total)]
 
 
 def dynamic_perplexity(nll_NxX: np.ndarray, m_X: np.ndarray,

@@ -9,6 +9,10 @@ Data files:
 A document is scored as its tokens followed by EOS, as in training. Token
 ids outside the model's vocabulary (a file made with another tokenizer) and
 files with nothing to score are refused.
+
+With --distributed (one process per host, as `train`), every process reads
+the file, scores every P-th batch of windows, and receives the others'
+scores; process 0 prints the result, which equals one process's.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
 
+from dynamo_jax import distributed
 from dynamo_jax.errors import InputError
 
 SUFFIXES = (".txt", ".jsonl", ".npy")
@@ -139,6 +145,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--json", action="store_true",
                  help="print one JSON object instead of a table")
+  distributed.add_arguments(p)
   p.set_defaults(func=run)
   return p
 
@@ -149,12 +156,15 @@ def run(args) -> dict:
     raise InputError(f"--batch-size must be >= 1, got {args.batch_size}.")
   if not os.path.isfile(args.data):  # before the model loads
     raise InputError(f"data file {args.data} does not exist.")
+  distributed.initialize_from_args(args)  # before anything touches a device
   model = load(args.model)
   result = evaluate_file(model, args.data, window=args.window,
                          stride=args.stride, eps_b=args.eps_b,
                          field=args.field, batch_size=args.batch_size,
                          temperature=args.temperature,
                          use_cooc=not args.no_cooc, progress=not args.json)
+  if jax.process_index() != 0:
+    return result
   if args.json:
     print(json.dumps(result))
   else:

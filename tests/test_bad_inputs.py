@@ -326,6 +326,8 @@ CASES = [
          ["convert", "--to-hf", "nat", "afile/out"], "cannot write",
          _both(_native, _write("afile", b"x"))),
     # --- eval ---
+    Case("table4-model-without-data", ["eval", "table4", "--model", "m"],
+         "give --data (held-out text for the model's prompts)"),
     Case("table4-unknown-model", ["eval", "table4", "--models", "dynamo-9b-t3",
                                   "--tokens-per-pass", "2"],
          "unknown suite models ['dynamo-9b-t3']"),

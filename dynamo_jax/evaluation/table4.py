@@ -83,15 +83,13 @@ def pass_price(config, *, prompt_len: int = 16, new_tokens: int = 16,
           "dynamo_range": [min(times["dynamo"]), max(times["dynamo"])]}
 
 
-def tokens_per_pass(model, *, eps_b: float, prompts: int = 8,
+def tokens_per_pass(model, stream, *, eps_b: float, prompts: int = 8,
                     prompt_len: int = 32, new_tokens: int = 64,
                     seeds=(0, 1, 2)) -> float:
-  """Tokens per forward pass of a trained model at eps_b (its test prompts,
-  with its co-occurrence table when it has one)."""
-  # pylint: disable=import-outside-toplevel
-  from dynamo_jax.default_model import TEST_SAMPLE_FILE, default_model_dir
-  from dynamo_jax.evaluation import bench
-  stream = np.load(os.path.join(default_model_dir(), TEST_SAMPLE_FILE))
+  """Tokens per forward pass of a trained model at eps_b, on prompts taken
+  from `stream` (EOS-separated held-out token ids of the model's own
+  vocabulary), with its co-occurrence table when it has one."""
+  from dynamo_jax.evaluation import bench  # pylint: disable=import-outside-toplevel
   ids = bench.prompts_from_stream(stream, model.config.eos_token_id, prompts,
                                   prompt_len)
   q = bench.quality(model, model.cooc, ids, seeds, new_tokens, 0.7,
@@ -99,12 +97,13 @@ def tokens_per_pass(model, *, eps_b: float, prompts: int = 8,
   return float(q["tokens_per_pass"])
 
 
-def build_table(model, *, eps_b: float = 0.5, names=None,
+def build_table(model, stream=None, *, eps_b: float = 0.5, names=None,
                 max_weight_gb: float = 2.0, repeats: int = 3,
                 new_tokens: int = 16, measured_tpp: float | None = None,
-                progress: bool = True) -> dict:
-  """Table 4 rows (a JSON-able dict). `measured_tpp` skips measuring the
-  tokens per pass (e.g. one measured on your own trained model)."""
+                model_name: str | None = None, progress: bool = True) -> dict:
+  """Table 4 rows (a JSON-able dict). The tokens per pass are measured on
+  `model` with prompts from `stream` (its held-out token ids), unless
+  `measured_tpp` gives them (e.g. measured on your own trained model)."""
   # pylint: disable=import-outside-toplevel
   import jax
   from tqdm.auto import tqdm
@@ -117,7 +116,7 @@ def build_table(model, *, eps_b: float = 0.5, names=None,
   if not 0.0 <= eps_b <= 1.0:
     raise InputError(f"--eps-b must lie in [0, 1], got {eps_b}.")
   tpp = (measured_tpp if measured_tpp is not None
-         else tokens_per_pass(model, eps_b=eps_b))
+         else tokens_per_pass(model, stream, eps_b=eps_b))
   rows = []
   for name in tqdm(names, desc="table 4", unit="model", disable=not progress):
     config = dynamo_preset(name, dtype="bfloat16", param_dtype="bfloat16")
@@ -140,8 +139,9 @@ def build_table(model, *, eps_b: float = 0.5, names=None,
                    "trained model below at eps_b) / pass_price (measured on "
                    "random weights of each shape on this device): a "
                    "projection, not a measurement of a trained suite model"),
-          "eps_b": eps_b, "tokens_per_pass_model": getattr(
-              model, "name", None) or "the embedded default model",
+          "eps_b": eps_b, "tokens_per_pass_from": (
+              "given by the caller (--tokens-per-pass)" if measured_tpp is not None
+              else model_name or "the embedded default model"),
           "device": jax.devices()[0].device_kind, "rows": rows}
 
 
@@ -169,6 +169,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
       "pass price on random weights, projected speed-up")
   p.add_argument("--model", help="trained DynaMo checkpoint whose tokens per "
                  "pass the projection uses (default: the embedded model)")
+  p.add_argument("--data", help="held-out text for --model's prompts (.npy "
+                 "of EOS-separated ids, .txt or .jsonl; default: the "
+                 "embedded model's test sample, for the embedded model only)")
   p.add_argument("--tokens-per-pass", type=float,
                  help="use this tokens-per-pass figure instead of measuring")
   p.add_argument("--eps-b", type=float, default=0.5)
@@ -188,12 +191,25 @@ def run(args) -> dict:
   if args.repeats < 1 or args.new_tokens < 1:
     raise InputError("--repeats and --new-tokens must be >= 1.")
   names = [n.strip() for n in args.models.split(",")] if args.models else None
-  model = None if args.tokens_per_pass is not None else load(args.model)
-  table = build_table(model, eps_b=args.eps_b, names=names,
+  model, stream = None, None
+  if args.tokens_per_pass is None:
+    # pylint: disable=import-outside-toplevel
+    from dynamo_jax.default_model import TEST_SAMPLE_FILE, default_model_dir
+    from dynamo_jax.evaluation.ppl import read_stream
+    if args.data is None and args.model is not None:
+      raise InputError("give --data (held-out text for the model's prompts) "
+                       "or --tokens-per-pass with --model.")
+    model = load(args.model)
+    stream = (read_stream(args.data, model.tokenizer,
+                          eos_id=model.config.eos_token_id,
+                          vocab_size=model.config.vocab_size)
+              if args.data else
+              np.load(os.path.join(default_model_dir(), TEST_SAMPLE_FILE)))
+  table = build_table(model, stream, eps_b=args.eps_b, names=names,
                       max_weight_gb=args.max_weight_gb, repeats=args.repeats,
                       new_tokens=args.new_tokens,
                       measured_tpp=args.tokens_per_pass,
-                      progress=not args.json)
+                      model_name=args.model, progress=not args.json)
   if args.out:
     from dynamo_jax.fileio import atomic_write_text  # pylint: disable=import-outside-toplevel
     os.makedirs(args.out, exist_ok=True)

@@ -12,11 +12,17 @@ happens once, on the final merged counts: the result holds exactly the
 n-grams whose total count is >= min_count, the same as a brute-force count
 filtered afterwards. Unigram counts are dense over the vocabulary and never
 pruned (they are the denominators of the co-occurrence weights).
+
+Counting split over processes (hosts): each counts its share of the
+documents into an unpruned table, `save_partial` writes it to a directory
+all of them share, and one process's `merge_partials` sums them with the
+same final merge and pruning, giving the table one process would count.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 from typing import Iterable
 
@@ -207,6 +213,64 @@ class NgramCounter:
     """Merges and spills so far, per order (for logs and benchmarks)."""
     return {m: {"merges": s.merges, "spills": s.spills}
             for m, s in self._stores.items()}
+
+
+def _partial_path(directory: str, index: int) -> str:
+  return os.path.join(directory, f"part{index}")
+
+
+def save_partial(table: CoocTable, directory: str, index: int) -> None:
+  """Writes an unpruned (min_count 1) table as part `index` of a count
+  split over processes: a run file pair per order, the unigram counts, and
+  last, as the sign that the part is whole, its positions and documents."""
+  if table.min_count != 1:
+    raise ValueError("a partial table must be unpruned (min_count 1): "
+                     "pruning applies to the merged totals.")
+  base = _partial_path(directory, index)
+  for m in range(2, table.max_order + 1):
+    runs.DiskRun(f"{base}.order{m}",
+                 (np.asarray(table.keys[m], np.uint64),
+                  np.asarray(table.counts[m], np.int64)))
+  np.save(f"{base}.unigrams.npy", np.asarray(table.unigram_counts, np.int64))
+  meta = {"positions": {str(m): int(p) for m, p in table.positions.items()},
+          "num_documents": int(table.num_documents)}
+  with open(f"{base}.json.tmp", "w") as fh:
+    json.dump(meta, fh)
+  os.replace(f"{base}.json.tmp", f"{base}.json")
+
+
+def merge_partials(directory: str, parts: int, vocab_size: int,
+                   max_order: int, min_count: int = 1,
+                   **metadata) -> CoocTable:
+  """The table of parts 0..parts-1 in `directory` (`save_partial`): counts
+  summed, n-grams of order >= 2 pruned to totals >= min_count, streamed
+  from disk in blocks as `NgramCounter.finish` streams spilled runs.
+  `metadata` goes to CoocTable (vocab_hash, corpus)."""
+  if not isinstance(min_count, (int, np.integer)) or min_count < 1:
+    raise InputError(f"min_count must be an integer >= 1, got {min_count!r}.")
+  unigrams = np.zeros(vocab_size, np.int64)
+  positions = {m: 0 for m in range(1, max_order + 1)}
+  num_documents = 0
+  for i in range(parts):
+    base = _partial_path(directory, i)
+    if not os.path.isfile(f"{base}.json"):
+      raise InputError(f"part {i} of the counts is missing from {directory} "
+                       f"(did process {i} finish counting?).")
+    with open(f"{base}.json") as fh:
+      meta = json.load(fh)
+    for m in positions:
+      positions[m] += int(meta["positions"][str(m)])
+    num_documents += int(meta["num_documents"])
+    unigrams += np.load(f"{base}.unigrams.npy", allow_pickle=False)
+  keys, counts = {}, {}
+  for m in range(2, max_order + 1):
+    keys[m], counts[m] = runs.merge(
+        [runs.DiskRun(f"{_partial_path(directory, i)}.order{m}")
+         for i in range(parts)], int(min_count))
+  return CoocTable(vocab_size=vocab_size, max_order=max_order,
+                   unigram_counts=unigrams, keys=keys, counts=counts,
+                   positions=positions, num_documents=num_documents,
+                   min_count=int(min_count), **metadata)
 
 
 def _count(items, end_of_document: bool, vocab_size: int, max_order: int, *,

@@ -65,17 +65,28 @@ class DiskRun:
   the whole merge is done.
   """
 
-  def __init__(self, path: str, run: Run):
+  def __init__(self, path: str, run: Run | None = None):
+    """Writes `run` to path.keys.npy and path.counts.npy, or, with no run,
+    opens the pair already there (another process's counts)."""
     self.path = path
-    np.save(path + ".keys.npy", run[0])
-    np.save(path + ".counts.npy", run[1])
-    self.size = run[0].shape[0]
+    if run is not None:
+      np.save(path + ".keys.npy", run[0])
+      np.save(path + ".counts.npy", run[1])
     self._offsets = {}
-    for name in ("keys", "counts"):
+    sizes = {}
+    for name, dtype in (("keys", np.uint64), ("counts", np.int64)):
       with open(f"{path}.{name}.npy", "rb") as f:
         np.lib.format.read_magic(f)
-        np.lib.format.read_array_header_1_0(f)
+        shape, _, stored = np.lib.format.read_array_header_1_0(f)
+        if len(shape) != 1 or stored != dtype:
+          raise ValueError(f"{path}.{name}.npy holds {stored} {shape}, not "
+                           f"a 1-D {np.dtype(dtype)} run.")
+        sizes[name] = shape[0]
         self._offsets[name] = f.tell()
+    if sizes["keys"] != sizes["counts"]:
+      raise ValueError(f"{path}: {sizes['keys']} keys but {sizes['counts']} "
+                       "counts.")
+    self.size = sizes["keys"]
 
   def _read(self, name: str, lo: int, hi: int, dtype) -> np.ndarray:
     with open(f"{self.path}.{name}.npy", "rb") as f:

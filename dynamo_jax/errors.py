@@ -1,5 +1,7 @@
 """Errors raised on bad input. Each message names what is wrong and how to fix it."""
 
+import json
+
 
 class DynamoError(ValueError):
   """Base class of the errors this package raises on bad input."""
@@ -15,3 +17,13 @@ class CheckpointError(DynamoError):
 
 class InputError(DynamoError):
   """Token ids or decoding arguments that the model cannot take."""
+
+
+def show_value(value) -> str:
+  """A bad value as a message shows it: as JSON (as a config spells it;
+  else repr), cut to one short line."""
+  try:
+    text = json.dumps(value)
+  except (TypeError, ValueError):
+    text = " ".join(repr(value).split())
+  return text if len(text) <= 80 else text[:77] + "..."

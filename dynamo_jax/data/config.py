@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping
 
 from dynamo_jax.errors import ConfigError, DynamoError
+from dynamo_jax.errors import show_value as _show
 
 SOURCES = ("tfds", "text", "jsonl", "tokens")
 TOKEN_DTYPES = ("uint16", "uint32")
@@ -140,11 +140,3 @@ def _check_str(name: str, value: Any, *, optional: bool = False) -> None:
         f"data.{name} must be {'null or ' if optional else ''}a non-empty "
         f"string, got {_show(value)}.")
 
-
-def _show(value: Any) -> str:
-  """value as JSON (as a config spells it; else repr), cut to one short line."""
-  try:
-    text = json.dumps(value)
-  except (TypeError, ValueError):
-    text = " ".join(repr(value).split())
-  return text if len(text) <= 80 else text[:77] + "..."

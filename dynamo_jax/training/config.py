@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 from dynamo_jax.data import DataConfig
 from dynamo_jax.errors import ConfigError
+from dynamo_jax.errors import show_value as _show
 from dynamo_jax.model.config import (DTYPES, HEAD_INPUTS, PythiaConfig,
                                      preset)
 from dynamo_jax.model.heads import HEAD_INITS
@@ -147,14 +148,6 @@ def _normalise(value: Any, hint: Any) -> Any:
     return int(value)
   return value
 
-
-def _show(value: Any) -> str:
-  """value as JSON (as a config spells it; else repr), cut to one short line."""
-  try:
-    text = json.dumps(value)
-  except (TypeError, ValueError):
-    text = " ".join(repr(value).split())
-  return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,7 +382,7 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> TrainConfig:
   except ValueError as e:
     raise ConfigError(f"{path} is not valid JSON: {e}") from None
   if not isinstance(raw, dict):
-    raise ConfigError(f"{path} must hold a JSON object, not {type(raw).__name__}.")
+    raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}.")
   raw.pop("description", None)
   for text in overrides:
     _set(raw, *parse_override(text))

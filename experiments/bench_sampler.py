@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamo_jax import kernels
+from dynamo_jax.cooc import lookup
 from dynamo_jax.decoding import dynamo_sampler as ds
 from dynamo_jax.decoding.sampling import sample_tokens
 from dynamo_jax.ops import grid
@@ -205,7 +206,7 @@ def _embedded_inputs():
   logits_PxNxV = jnp.transpose(logits[:N, 0, 64:], (1, 0, 2))
   history = jnp.asarray(sample[None, :64], jnp.int32)
   return (logits_PxNxV, history, jnp.array([HISTORY], jnp.int32),
-          model.cooc.device_table(N))
+          lookup.device_table(model.cooc, N))
 
 
 def _bench_embedded(repeats):

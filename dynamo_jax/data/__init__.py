@@ -1,11 +1,14 @@
 """Training data: documents -> tokens + EOS -> packed rows with segment ids.
 
   it = make_batches(DataConfig(source="tfds", name="tiny_shakespeare"),
-                    tokenizer, batch_size=8, seq_len=2048, seed=0,
-                    process_index=jax.process_index(),
-                    process_count=jax.process_count())
+                    tokenizer, batch_size=8, seq_len=2048, seed=0)
   batch = next(it)  # {"tokens", "segment_ids"}: int32 [batch_size, seq_len]
   state = it.get_state()  # small JSON dict; it2.set_state(state) resumes
+
+The trainer builds the whole global batch on every process and feeds each
+device its rows (training/loop.py), so batches do not depend on the host
+count; `process_index` / `process_count` give a disjoint per-host share of
+the documents instead, for readers that want one.
 
 Sources (`DataConfig.source`): "tfds" (TensorFlow Datasets, read with
 `tfds.data_source`, no TensorFlow needed), "text" and "jsonl" files, and

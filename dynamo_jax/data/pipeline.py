@@ -16,14 +16,15 @@ _END = object()  # Sentinel from the producer thread: the data is spent.
 def make_batches(data_cfg: DataConfig, tokenizer: Any, *, batch_size: int,
                  seq_len: int, seed: int, process_index: int = 0,
                  process_count: int = 1) -> "BatchIterator":
-  """Packed training batches of this process's share of the data.
+  """Packed training batches (of this process's share of the documents
+  when `process_count` > 1; the trainer uses the whole, see data/__init__).
 
   Args:
     data_cfg: the source and its options.
     tokenizer: a `tokenizers.Tokenizer`, a transformers tokenizer, or any
       object with `encode(text) -> list[int]`; may be None for the "tokens"
       source when `data_cfg.eos_id` is set.
-    batch_size: rows per batch on this process (not global).
+    batch_size: rows per batch of this iterator.
     seq_len: tokens per row.
     seed: fixes the document order; equal seeds give equal batches.
     process_index, process_count: this host and the number of hosts

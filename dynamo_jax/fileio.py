@@ -189,6 +189,18 @@ def check_tensor(array: np.ndarray, what: str, fix: str) -> None:
                             f"{fix}")
 
 
+def checked_cast(array: np.ndarray, dtype, what: str, fix: str) -> np.ndarray:
+  """`check_tensor(array)`, then `array` in `dtype`, checked again when the
+  cast narrows it (float32 values can overflow float16)."""
+  check_tensor(array, what, fix)
+  with np.errstate(over="ignore"):  # reported below, naming the tensor
+    cast = array.astype(dtype, copy=False)
+  if cast.dtype.itemsize < array.dtype.itemsize:
+    check_tensor(cast, f"{what}, cast to {cast.dtype.name},",
+                 "its values overflow that dtype: load it as float32.")
+  return cast
+
+
 def tensor_sha256(array: np.ndarray) -> str:
   """Hex sha256 of a tensor's bytes as safetensors stores them (C order)."""
   return hashlib.sha256(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import jax
 import numpy as np
@@ -78,6 +79,23 @@ def random_params(config, seed=0, scale=0.3):
   leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype)
             for x, k in zip(leaves, keys)]
   return jax.tree.unflatten(tree, leaves)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that was free a moment ago."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def cpu_env(devices: int) -> dict:
+  """The environment of a CPU-only JAX subprocess with `devices` fake
+  devices, importing this checkout."""
+  return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
 @pytest.fixture

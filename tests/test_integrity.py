@@ -121,6 +121,15 @@ def test_default_model_ships_checksums_of_its_params():
   assert digests == {n: tensor_sha256(reader.get(n)) for n in reader.keys()}
 
 
+
+def _edit_json(path, edit):
+  """Applies `edit` to the JSON object in `path`, in place."""
+  with open(path) as fh:
+    obj = json.load(fh)
+  edit(obj)
+  with open(path, "w") as fh:
+    json.dump(obj, fh)
+
 @pytest.mark.parametrize("edit,match", [
     (lambda m: m.update(tensors={}), "disagree on which tensors exist"),
     (lambda m: m.update(algorithm="md5"), "cannot read the checksums"),
@@ -128,12 +137,7 @@ def test_default_model_ships_checksums_of_its_params():
 ])
 def test_damaged_checksums_file(nat_dir, tmp_path, edit, match):
   d = _copy(nat_dir, tmp_path / "m")
-  path = os.path.join(d, native.CHECKSUMS_FILE)
-  with open(path) as fh:
-    manifest = json.load(fh)
-  edit(manifest)
-  with open(path, "w") as fh:
-    json.dump(manifest, fh)
+  _edit_json(os.path.join(d, native.CHECKSUMS_FILE), edit)
   with pytest.raises(CheckpointError, match=match):
     native.load(d)
 
@@ -181,12 +185,7 @@ def test_write_errors_become_checkpoint_errors(tmp_path, monkeypatch):
 ])
 def test_dynamo_config_is_whitelisted(nat_dir, tmp_path, edit, error, match):
   d = _copy(nat_dir, tmp_path / "m")
-  path = os.path.join(d, native.CONFIG_FILE)
-  with open(path) as fh:
-    meta = json.load(fh)
-  edit(meta)
-  with open(path, "w") as fh:
-    json.dump(meta, fh)
+  _edit_json(os.path.join(d, native.CONFIG_FILE), edit)
   with pytest.raises(error, match=match):
     native.load(d)
 

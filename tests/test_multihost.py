@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from tests.conftest import cpu_env, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, CKPT_EVERY = 5, 2
@@ -33,17 +34,6 @@ LOSS_RTOL = 1e-6
 PARAM_ATOL = 1e-5
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict:
-  return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-
-
 def _train_cmd(workdir, *extra):
   return [sys.executable, "-m", "dynamo_jax", "train", "--config", "tiny-test",
           "--workdir", str(workdir), "--steps", str(STEPS), *extra, *RUN]
@@ -57,7 +47,7 @@ def _start(workdir, pid, port, logs, *, nproc=2, devices=4, extra=()):
   cmd = _train_cmd(workdir, "--coordinator", f"127.0.0.1:{port}",
                    "--num-processes", str(nproc), "--process-id", str(pid),
                    *extra)
-  proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=_env(devices),
+  proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=cpu_env(devices),
                           cwd=ROOT)
   out.close()
   err.close()
@@ -115,7 +105,7 @@ def reference(tmp_path_factory):
   """One process, 8 devices: the run the two-process runs must reproduce."""
   workdir = tmp_path_factory.mktemp("one") / "run"
   proc = subprocess.run(_train_cmd(workdir), capture_output=True, text=True,
-                        env=_env(8), cwd=ROOT, timeout=240)
+                        env=cpu_env(8), cwd=ROOT, timeout=240)
   assert proc.returncode == 0, proc.stderr[-3000:]
   moved = jax.tree.map(lambda x, y: float(np.abs(x - y).max()),
                        _params(workdir), _params(workdir, CKPT_EVERY))
@@ -126,7 +116,7 @@ def reference(tmp_path_factory):
 
 def test_two_processes_train_like_one(reference, tmp_path):
   workdir, logs = tmp_path / "run", tmp_path / "logs"
-  port = _free_port()
+  port = free_port()
   codes = _wait([_start(workdir, p, port, logs) for p in (0, 1)])
   assert codes == [0, 0], [_read(logs, p)[-2000:] for p in (0, 1)]
   _same_run(workdir, reference)
@@ -144,7 +134,7 @@ def test_two_processes_train_like_one(reference, tmp_path):
 
 def test_kill_both_mid_run_and_rerun(reference, tmp_path):
   workdir, logs = tmp_path / "run", tmp_path / "logs"
-  port = _free_port()
+  port = free_port()
   procs = [_start(workdir, p, port, logs) for p in (0, 1)]
   deadline = time.monotonic() + 240
   # Past the first checkpoint and into step 3 (async saves may be in flight).
@@ -161,7 +151,7 @@ def test_kill_both_mid_run_and_rerun(reference, tmp_path):
   assert killed_at < STEPS
 
   shutil.rmtree(logs)
-  port = _free_port()
+  port = free_port()
   codes = _wait([_start(workdir, p, port, logs) for p in (0, 1)])
   assert codes == [0, 0], [_read(logs, p)[-2000:] for p in (0, 1)]
   assert f"| {CKPT_EVERY}/{STEPS} [" in _read(logs, 0)  # resumed, not redone
@@ -189,7 +179,7 @@ def _one_line_error(proc_or_text, *needles):
 ])
 def test_partial_or_bad_flags(tmp_path, flags, needles):
   proc = subprocess.run(_train_cmd(tmp_path / "run", *flags),
-                        capture_output=True, text=True, env=_env(1), cwd=ROOT,
+                        capture_output=True, text=True, env=cpu_env(1), cwd=ROOT,
                         timeout=120)
   assert proc.returncode == 2
   _one_line_error(proc.stderr, *needles)
@@ -197,7 +187,7 @@ def test_partial_or_bad_flags(tmp_path, flags, needles):
 
 
 def test_unreachable_coordinator_and_missing_process(tmp_path):
-  port = _free_port()
+  port = free_port()
   address = f"127.0.0.1:{port}"
   flags = ["--coordinator-timeout", "3"]
   # Alone: process 1 finds no coordinator; process 0 no process 1.
@@ -214,7 +204,7 @@ def test_unreachable_coordinator_and_missing_process(tmp_path):
 
 
 def test_process_counts_that_disagree(tmp_path):
-  port, logs = _free_port(), tmp_path / "logs"
+  port, logs = free_port(), tmp_path / "logs"
   procs = [_start(tmp_path / "run", 0, port, logs, nproc=2),
            _start(tmp_path / "run", 1, port, logs, nproc=3)]
   assert _wait(procs) == [2, 2]
@@ -224,7 +214,7 @@ def test_process_counts_that_disagree(tmp_path):
 
 
 def test_unequal_device_counts(tmp_path):
-  port, logs = _free_port(), tmp_path / "logs"
+  port, logs = free_port(), tmp_path / "logs"
   procs = [_start(tmp_path / "run", 0, port, logs, devices=4),
            _start(tmp_path / "run", 1, port, logs, devices=2)]
   assert _wait(procs) == [2, 2]
@@ -235,7 +225,7 @@ def test_unequal_device_counts(tmp_path):
 
 def test_workdir_not_shared(tmp_path):
   """Process 1 is given another directory: as if each host had its own."""
-  port, logs = _free_port(), tmp_path / "logs"
+  port, logs = free_port(), tmp_path / "logs"
   procs = [_start(tmp_path / f"host{p}" / "run", p, port, logs)
            for p in (0, 1)]
   assert _wait(procs) == [2, 2]

@@ -8,13 +8,13 @@ so every array of the merged table must equal one process's."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 
 from dynamo_jax import cooc
+from tests.conftest import cpu_env, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "dynamo_jax", "default_model")
@@ -29,36 +29,25 @@ TEXTS = (
 )
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict:
-  return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-
-
 def _cmd(*args):
   return [sys.executable, "-m", "dynamo_jax", *args]
 
 
 def _one(args, devices=2):
   proc = subprocess.run(_cmd(*args), capture_output=True, text=True,
-                        env=_env(devices), cwd=ROOT, timeout=300)
+                        env=cpu_env(devices), cwd=ROOT, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
 
 def _two(args, devices=1):
   """Processes 0 and 1 of one run: [(returncode, stdout, stderr)] each."""
-  port = _free_port()
+  port = free_port()
   procs = [subprocess.Popen(
       _cmd(*args, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
            "2", "--process-id", str(p), "--coordinator-timeout", "120"),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=_env(devices), cwd=ROOT) for p in (0, 1)]
+      env=cpu_env(devices), cwd=ROOT) for p in (0, 1)]
   try:
     outs = [p.communicate(timeout=300) for p in procs]
   finally:
@@ -128,7 +117,7 @@ def test_two_processes_count_like_one(tmp_path):
   assert one.num_documents > 100 and one.metadata()["min_count"] == 2
   unpruned = subprocess.run(
       _cmd(*args[:-4], "--out", str(tmp_path / "all.npz")),
-      capture_output=True, text=True, env=_env(1), cwd=ROOT, timeout=300)
+      capture_output=True, text=True, env=cpu_env(1), cwd=ROOT, timeout=300)
   assert unpruned.returncode == 0, unpruned.stderr[-2000:]
   assert cooc.load(tmp_path / "all.npz").keys[3].size > one.keys[3].size
   assert one.unigram_counts[40:].sum() > 0

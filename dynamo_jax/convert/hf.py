@@ -35,7 +35,7 @@ from dynamo_jax.convert.sources import (HEADS_FILE, TOKENIZER_FILES,
                                         TensorSource, resolve)
 from dynamo_jax.errors import CheckpointError, ConfigError
 from dynamo_jax.fileio import (SafetensorsReader, atomic_output, check_tensor,
-                               write_safetensors)
+                               checked_cast, write_safetensors)
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import Params
 
@@ -200,13 +200,8 @@ def checked_tensors(config: PythiaConfig, source: TensorSource,
             f"tensor {spec.hf_name} has shape {tuple(array.shape)}, but "
             f"config.json implies {spec.hf_shape}.")
       what = f"tensor {spec.hf_name} in {source.file_of(spec.hf_name)}"
-      check_tensor(array, what, _DAMAGED)
-      with np.errstate(over="ignore"):  # reported below, naming the tensor
-        ours = spec.to_ours(array).astype(dtype, copy=False)
-      if ours.dtype.itemsize < array.dtype.itemsize:
-        check_tensor(ours, f"{what}, cast to {dtype.name},",
-                     "its values overflow that dtype: load it as float32.")
-      yield np.ascontiguousarray(ours)
+      yield np.ascontiguousarray(
+          checked_cast(spec.to_ours(array), dtype, what, _DAMAGED))
 
   return ordered, arrays()
 

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from dynamo_jax.convert.hf import checked_tensors, copy_tokenizer, read_hf_config
 from dynamo_jax.convert.sources import TensorSource, resolve
 from dynamo_jax.errors import CheckpointError
-from dynamo_jax.fileio import (SafetensorsReader, atomic_output, check_tensor,
+from dynamo_jax.fileio import (SafetensorsReader, atomic_output,
+                               atomic_write_text, check_tensor, checked_cast,
                                tensor_sha256, write_safetensors)
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import Params, param_shapes
@@ -72,9 +73,9 @@ def _write(directory: str, config: PythiaConfig, specs, tensors,
 
 
 def _write_checksums(directory: str, digests: dict[str, str]) -> None:
-  with open(os.path.join(directory, CHECKSUMS_FILE), "w") as fh:
-    json.dump({"algorithm": "sha256", "file": PARAMS_FILE, "tensors": digests},
-              fh, indent=1)
+  atomic_write_text(os.path.join(directory, CHECKSUMS_FILE), json.dumps(
+      {"algorithm": "sha256", "file": PARAMS_FILE, "tensors": digests},
+      indent=1))
 
 
 def save(config: PythiaConfig, params: Params, out_dir: str, *,
@@ -194,12 +195,7 @@ def load(directory: str, *, dtype=None) -> tuple[PythiaConfig, Params]:
     if digests is not None and tensor_sha256(array) != digests[name]:
       raise CheckpointError(f"{what} does not match its sha256 in "
                             f"{CHECKSUMS_FILE}; {_DAMAGED}")
-    check_tensor(array, what, _DAMAGED)
-    with np.errstate(over="ignore"):  # reported below, naming the tensor
-      cast = array.astype(want_dtype)
-    if cast.dtype.itemsize < array.dtype.itemsize:
-      check_tensor(cast, f"{what}, cast to {cast.dtype.name},",
-                   "its values overflow that dtype: load it as float32.")
+    cast = checked_cast(array, want_dtype, what, _DAMAGED)
     node = params
     *parents, leaf = name.split("/")
     for p in parents:

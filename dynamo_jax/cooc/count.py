@@ -29,6 +29,7 @@ from typing import Iterable
 import numpy as np
 import tqdm
 
+from dynamo_jax import fileio
 from dynamo_jax.cooc import keys as keys_lib
 from dynamo_jax.cooc import runs
 from dynamo_jax.cooc.table import CoocTable
@@ -234,9 +235,7 @@ def save_partial(table: CoocTable, directory: str, index: int) -> None:
   np.save(f"{base}.unigrams.npy", np.asarray(table.unigram_counts, np.int64))
   meta = {"positions": {str(m): int(p) for m, p in table.positions.items()},
           "num_documents": int(table.num_documents)}
-  with open(f"{base}.json.tmp", "w") as fh:
-    json.dump(meta, fh)
-  os.replace(f"{base}.json.tmp", f"{base}.json")
+  fileio.atomic_write_text(f"{base}.json", json.dumps(meta))
 
 
 def merge_partials(directory: str, parts: int, vocab_size: int,

@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from typing import Any, Mapping
 
@@ -118,21 +117,8 @@ class CoocTable:
     for m in range(2, self.max_order + 1):
       arrays[f"keys_{m}"] = np.asarray(self.keys[m], np.uint64)
       arrays[f"counts_{m}"] = _compact(self.counts[m])
-    directory, name = os.path.split(path)
-    os.makedirs(directory, exist_ok=True)
-    fileio.remove_stale(directory, name)  # a killed writer's temp file
-    fd, tmp = tempfile.mkstemp(prefix=fileio.temp_prefix(name), dir=directory)
-    try:
-      with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-      os.chmod(tmp, 0o644)  # mkstemp makes it private; a table is shared data
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fileio.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _compact(counts: np.ndarray) -> np.ndarray:

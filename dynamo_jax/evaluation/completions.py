@@ -36,7 +36,7 @@ import sys
 import time
 from typing import Sequence
 
-from dynamo_jax.errors import InputError
+from dynamo_jax.errors import InputError, show_value
 
 PAPER_PROMPTS = (
     "I am a student at the", "This is going to be a very",
@@ -105,8 +105,8 @@ def _grid(values) -> list[float]:
     try:
       numbers.append(float(value))
     except (TypeError, ValueError):
-      raise InputError(f"eps_b {_short(value)} is not a number; give values "
-                       "in [0, 1], e.g. 0,0.5,1.") from None
+      raise InputError(f"eps_b {show_value(value)} is not a number; give "
+                       "values in [0, 1], e.g. 0,0.5,1.") from None
   bad = [v for v in numbers if not 0.0 <= v <= 1.0]
   if bad or not numbers:
     raise InputError(f"eps_b values must lie in [0, 1] (1 is AR), got "
@@ -169,11 +169,6 @@ def _settings(model, model_name, prompts, max_new_tokens, temperature,
   return json.loads(json.dumps(settings, default=str))
 
 
-def _short(value) -> str:
-  text = json.dumps(value, default=repr)
-  return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _check_settings(out_dir: str, settings: dict) -> None:
   """Writes run.json in a new directory, or refuses other settings."""
   from dynamo_jax import fileio  # pylint: disable=import-outside-toplevel
@@ -194,8 +189,8 @@ def _check_settings(out_dir: str, settings: dict) -> None:
   changed = [k for k in sorted(set(old) | set(settings))
              if old.get(k) != settings.get(k)]
   if changed:
-    what = "; ".join(f"{k}: {_short(old.get(k))} there, "
-                     f"{_short(settings.get(k))} now" for k in changed)
+    what = "; ".join(f"{k}: {show_value(old.get(k))} there, "
+                     f"{show_value(settings.get(k))} now" for k in changed)
     raise InputError(f"{out_dir} holds rows made with other settings ({what}); "
                      "give a new --out, or the same settings to resume.")
 

@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 
 from dynamo_jax.errors import DynamoError
-from dynamo_jax.fileio import atomic_write as write_atomic
+from dynamo_jax.fileio import atomic_write_text
 from dynamo_jax.fileio import remove_stale
 
 SYSTEM_PROMPT = (
@@ -175,8 +175,7 @@ class PairwiseJudge:
       record = {"judge_model": self.model, "verdict": verdict,
                 "question": question, "first": first, "second": second,
                 "reply": self._redact(reply)}
-      write_atomic(path, lambda fh: fh.write(json.dumps(record, indent=1)
-                                             .encode()))
+      atomic_write_text(path, json.dumps(record, indent=1))
     return verdict
 
   def _redact(self, text: str) -> str:

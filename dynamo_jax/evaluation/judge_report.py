@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from dynamo_jax.fileio import atomic_write as write_atomic
+from dynamo_jax.fileio import atomic_write, atomic_write_text
 
 # Group field of each speed-up axis.
 SPEEDUPS = {"tokens_per_pass": "speedup_tokens_per_pass",
@@ -98,17 +98,16 @@ def plot(summary: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+  atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
   plt.close(fig)
 
 
 def write_outputs(out_dir: str, summary: dict, records: list[dict]) -> None:
   """The four files, from a cleaned summary and scores.jsonl records."""
   os.makedirs(out_dir, exist_ok=True)
-  write_atomic(os.path.join(out_dir, "scores.jsonl"), lambda fh: fh.write(
-      "".join(json.dumps(r) + "\n" for r in records).encode()))
-  write_atomic(os.path.join(out_dir, "summary.json"),
-         lambda fh: fh.write(json.dumps(summary, indent=1).encode()))
-  write_atomic(os.path.join(out_dir, "summary.md"),
-         lambda fh: fh.write(markdown(summary).encode()))
+  atomic_write_text(os.path.join(out_dir, "scores.jsonl"),
+                    "".join(json.dumps(r) + "\n" for r in records))
+  atomic_write_text(os.path.join(out_dir, "summary.json"),
+                    json.dumps(summary, indent=1))
+  atomic_write_text(os.path.join(out_dir, "summary.md"), markdown(summary))
   plot(summary, os.path.join(out_dir, "quality_vs_speedup.png"))

@@ -27,7 +27,7 @@ from dynamo_jax.convert.hf import from_hf
 from dynamo_jax.data import make_batches
 from dynamo_jax.distributed import check_shared_dir
 from dynamo_jax.errors import ConfigError, DynamoError
-from dynamo_jax.fileio import remove_stale, temp_prefix
+from dynamo_jax.fileio import atomic_write_text
 from dynamo_jax.model.config import PythiaConfig, preset
 from dynamo_jax.model.heads import add_heads
 from dynamo_jax.tokenizer import load_tokenizer
@@ -182,7 +182,8 @@ def _train(cfg: TrainConfig, workdir: str, progress: bool,
           "further, or a new --workdir for a new run.")
     if jax.process_index() == 0:
       with signals.deferred():
-        _write_json(os.path.join(workdir, "config.json"), meta)
+        atomic_write_text(os.path.join(workdir, "config.json"),
+                          json.dumps(meta, indent=2))
     if start == cfg.steps:
       print(f"the run in {workdir} is already at step {start} (steps="
             f"{cfg.steps}); nothing to do.", file=sys.stderr, flush=True)
@@ -331,18 +332,8 @@ def _check_resumable(saved: dict, meta: dict, workdir: str) -> None:
     raise ConfigError(
         f"the run in {workdir} was trained with other settings ({listed}); "
         "resuming would change what its steps see or compute. Use a new "
-        "--workdir, or the settings in its config.json (only steps, "
-        "log_every, ckpt_every, keep_checkpoints, async_checkpoints, "
-        "grad_accum, mesh.* and data.prefetch may change).")
-
-
-def _write_json(path: str, obj: dict) -> None:
-  parent, name = os.path.split(path)
-  remove_stale(parent, name)
-  tmp = os.path.join(parent, temp_prefix(name) + "json")
-  with open(tmp, "w") as fh:
-    json.dump(obj, fh, indent=2)
-  os.replace(tmp, path)
+        "--workdir, or the settings in its config.json (only "
+        f"{', '.join(sorted(RESUMABLE_KEYS))} may change).")
 
 
 class _Stop(BaseException):

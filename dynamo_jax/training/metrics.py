@@ -7,7 +7,7 @@ import json
 import math
 import os
 
-from dynamo_jax.fileio import remove_stale, temp_prefix
+from dynamo_jax.fileio import atomic_write_text
 
 
 class MetricsWriter:
@@ -53,12 +53,7 @@ def _truncate_after(path: str, step: int) -> None:
         continue  # a line cut by a kill mid-write
       if record.get("step", 0) <= step:
         kept.append(json.dumps(record) + "\n")
-  parent, name = os.path.split(path)
-  remove_stale(parent, name)  # a kill mid-truncation leaves its temp file
-  tmp = os.path.join(parent, temp_prefix(name) + "jsonl")
-  with open(tmp, "w") as fh:
-    fh.writelines(kept)
-  os.replace(tmp, path)
+  atomic_write_text(path, "".join(kept))
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -41,10 +41,12 @@ def progress_bytes(path: str, bin_dtype: str = "uint16") -> int:
   """The bytes that reading `path` reports through `advance`."""
   if is_text(path):
     return os.path.getsize(path)
-  return _token_array(path, bin_dtype).nbytes
+  return token_array(path, bin_dtype).nbytes
 
 
-def _token_array(path: str, bin_dtype: str) -> np.ndarray:
+def token_array(path: str, bin_dtype: str = "uint16") -> np.ndarray:
+  """The 1-D integer token ids of a .npy or raw .bin file (memory-mapped),
+  or an InputError naming the file."""
   if path.endswith(".bin"):
     size = os.path.getsize(path)
     if size == 0 or size % np.dtype(bin_dtype).itemsize:
@@ -71,7 +73,7 @@ def read_tokens(path: str, *, bin_dtype: str = "uint16",
   `advance` is called with the bytes of the file consumed so far (for a
   progress bar).
   """
-  ids = _token_array(path, bin_dtype)
+  ids = token_array(path, bin_dtype)
   for start in range(0, ids.size, chunk_tokens):
     chunk = np.asarray(ids[start:start + chunk_tokens])
     last = start + chunk_tokens >= ids.size

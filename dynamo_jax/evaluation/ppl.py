@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from dynamo_jax import distributed
+from dynamo_jax.cooc.sources import token_array
 from dynamo_jax.errors import InputError
 
 SUFFIXES = (".txt", ".jsonl", ".npy")
@@ -64,14 +65,7 @@ def read_stream(path: str, tokenizer, *, eos_id: int, vocab_size: int,
     raise InputError(f"{path}: unknown data file type; expected one of "
                      f"{', '.join(SUFFIXES)}.")
   if path.endswith(".npy"):
-    try:
-      ids = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-      raise InputError(f"{path}: not a readable .npy file "
-                       f"({e or 'empty file'}).") from None
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-      raise InputError(f"{path}: expected a 1-D integer array of token ids, "
-                       f"got {ids.dtype} {ids.shape}.")
+    ids = token_array(path)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
       raise InputError(
           f"{path} holds token ids in [{int(ids.min())}, {int(ids.max())}], "

@@ -1,0 +1,1 @@
+"""Chat: templates, instruction data for fine-tuning, interactive use."""

@@ -9,16 +9,24 @@ from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import Params, Pythia
 
 
-def shifted_targets(tokens_BxT, segment_ids_BxT, shift: int):
+def _shift_left(x_BxT, shift: int):
+  """x[:, t + shift], zero (False) past the end of the row."""
+  b = x_BxT.shape[0]
+  return jnp.concatenate([x_BxT[:, shift:], jnp.zeros((b, shift), x_BxT.dtype)],
+                         axis=1)
+
+
+def shifted_targets(tokens_BxT, segment_ids_BxT, shift: int,
+                    loss_mask_BxT=None):
   """Targets tokens[t + shift] and a mask that is False where t + shift runs
-  off the row, crosses into another document, or sits on padding (segment 0)."""
-  b, t = tokens_BxT.shape
-  pad = jnp.zeros((b, shift), tokens_BxT.dtype)
-  targets_BxT = jnp.concatenate([tokens_BxT[:, shift:], pad], axis=1)
-  seg_next_BxT = jnp.concatenate(
-      [segment_ids_BxT[:, shift:], jnp.zeros((b, shift), segment_ids_BxT.dtype)],
-      axis=1)
+  off the row, crosses into another document, or sits on padding (segment 0);
+  with `loss_mask_BxT` (bool, True on the tokens that count as targets: an
+  instruction's response) also where token t + shift is not one of those."""
+  targets_BxT = _shift_left(tokens_BxT, shift)
+  seg_next_BxT = _shift_left(segment_ids_BxT, shift)
   mask_BxT = (segment_ids_BxT != 0) & (seg_next_BxT == segment_ids_BxT)
+  if loss_mask_BxT is not None:
+    mask_BxT = mask_BxT & _shift_left(loss_mask_BxT.astype(bool), shift)
   return targets_BxT, mask_BxT
 
 
@@ -34,10 +42,12 @@ def token_nll(logits_BxTxV, targets_BxT):
 
 
 def head_losses(config: PythiaConfig, params: Params, tokens_BxT,
-                segment_ids_BxT=None):
+                segment_ids_BxT=None, loss_mask_BxT=None):
   """Mean NLL of each token head, float32 [N], and valid target counts [N].
 
-  L_i = -(1/|valid|) sum_t log p_i(x_{t+i} | x_{<=t}). Logits are recomputed in
+  L_i = -(1/|valid|) sum_t log p_i(x_{t+i} | x_{<=t}); a target is valid when
+  it lies in position t's segment and, given `loss_mask_BxT` (bool [B, T],
+  instruction tuning's response tokens), when loss_mask[t + i]. Logits are recomputed in
   the backward pass (remat) so N x [B, T, V] float32 never sit in memory.
   """
   if segment_ids_BxT is None:
@@ -56,7 +66,8 @@ def head_losses(config: PythiaConfig, params: Params, tokens_BxT,
 
   losses, counts = [], []
   for i, hidden_BxTxD in enumerate(hiddens, start=1):
-    targets_BxT, mask_BxT = shifted_targets(tokens_BxT, segment_ids_BxT, i)
+    targets_BxT, mask_BxT = shifted_targets(tokens_BxT, segment_ids_BxT, i,
+                                            loss_mask_BxT)
     count = jnp.sum(mask_BxT).astype(jnp.float32)
     losses.append(head_nll_sum(params, hidden_BxTxD, targets_BxT, mask_BxT)
                   / jnp.maximum(count, 1.0))

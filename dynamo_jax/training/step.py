@@ -72,11 +72,11 @@ def random_params_fn(config: PythiaConfig, seed: int):
 
 
 def _grads(config: PythiaConfig, opt: DynamoOptimizer, weights_N, params,
-           tokens_BxT, seg_BxT):
+           tokens_BxT, seg_BxT, loss_mask_BxT=None):
   """(g1, g2, losses_N): gradients of the weighted head-1 loss and of the
   weighted sum of heads 2..N's losses, and the unweighted losses."""
   def objective(p):
-    losses_N, _ = head_losses(config, p, tokens_BxT, seg_BxT)
+    losses_N, _ = head_losses(config, p, tokens_BxT, seg_BxT, loss_mask_BxT)
     weighted_N = weights_N * losses_N
     return (weighted_N[0], jnp.sum(weighted_N[1:])), losses_N
   _, vjp_fn, losses_N = jax.vjp(objective, params, has_aux=True)
@@ -97,7 +97,9 @@ def train_step(config: PythiaConfig, opt: DynamoOptimizer, mesh: Mesh,
   """One optimizer step: (state, batch) -> (new state, metrics). Pure;
   `make_train_step` jits it with shardings and the state donated.
 
-  batch: {"tokens": int32 [B, T], "segment_ids": int32 [B, T]}, B global.
+  batch: {"tokens": int32 [B, T], "segment_ids": int32 [B, T]}, B global;
+    instruction batches add "loss_mask": bool [B, T] (targets counted only
+    on response tokens, `head_losses`).
   metrics: loss (weighted sum over heads), head_loss [N], lr, grad norms.
   """
   n = config.num_token_heads
@@ -107,9 +109,12 @@ def train_step(config: PythiaConfig, opt: DynamoOptimizer, mesh: Mesh,
   # step traces; the model is otherwise free of mesh code.
   with activation_sharding(mesh, RULES):
     params = state["params"]
-    tokens_BxT, seg_BxT = batch["tokens"], batch["segment_ids"]
+    # Pre-training batches have no "loss_mask": the step then traces exactly
+    # as before it existed.
+    rows = (batch["tokens"], batch["segment_ids"]) + (
+        (batch["loss_mask"],) if "loss_mask" in batch else ())
     if grad_accum == 1:
-      g1, g2, losses_N = grads(params, tokens_BxT, seg_BxT)
+      g1, g2, losses_N = grads(params, *rows)
     else:
       # Microbatch j takes rows j::A, so each stays spread over the devices.
       def micro(x_BxT):
@@ -122,7 +127,7 @@ def train_step(config: PythiaConfig, opt: DynamoOptimizer, mesh: Mesh,
 
       zeros = jax.tree.map(jnp.zeros_like, (params, params,
                                             jnp.zeros((n,), jnp.float32)))
-      acc, _ = jax.lax.scan(body, zeros, (micro(tokens_BxT), micro(seg_BxT)))
+      acc, _ = jax.lax.scan(body, zeros, tuple(micro(x_BxT) for x_BxT in rows))
       g1, g2, losses_N = jax.tree.map(lambda x: x / grad_accum, acc)
     new_params, new_opt = opt.update(g1, g2, state["opt"], params)
     need_g1 = opt.mode == "full"
@@ -144,7 +149,9 @@ def make_train_step(config: PythiaConfig, opt: DynamoOptimizer, mesh: Mesh,
   """`train_step` jitted: (state, batch) -> (state, metrics), with explicit
   in/out shardings and the state donated."""
   rep = replicated(mesh)
-  batch_sh = {"tokens": batch_sharding(mesh), "segment_ids": batch_sharding(mesh)}
+  # One sharding for every array of the batch (a pytree prefix): tokens,
+  # segment_ids and, for instruction tuning, loss_mask.
+  batch_sh = batch_sharding(mesh)
   step = functools.partial(train_step, config, opt, mesh,
                            grad_accum=grad_accum, head_weights=head_weights)
   return jax.jit(step, in_shardings=(shardings, batch_sh),

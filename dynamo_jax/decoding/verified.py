@@ -26,6 +26,7 @@ Np forward passes.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,8 @@ import jax.numpy as jnp
 from dynamo_jax.decoding.ar import pass_keys
 from dynamo_jax.decoding.dynamo import write_rows
 from dynamo_jax.model.config import PythiaConfig
-from dynamo_jax.model.pythia import Params, forward_cached, init_cache
+from dynamo_jax.model.pythia import (KVCache, Params, forward_cached,
+                                     init_cache)
 
 
 def _draw(keys_B, probs_BxV):
@@ -87,12 +89,29 @@ def _verify(p_BxNxV, drafts_BxNd, q_BxNdxV, keys_B, greedy):
   return j_B, _draw(_sub(keys_B, 2), residual_BxV)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens",
-                                              "greedy"))
-def generate_verified(config: PythiaConfig, params: Params, prompt_BxP,
-                      row_keys_Bx2, temperature, *, max_new_tokens: int,
-                      greedy: bool):
-  """Same outputs as `generate_dynamo`: (tokens, accepted, passes)."""
+class VerifiedState(NamedTuple):
+  """The chain's decode loop carry (a pytree): `verified_body` maps it to the
+  next pass's. out_BxG holds each row's emitted tokens, count_B how many."""
+  cache: KVCache
+  out_BxG: jax.Array         # int32 [B, max_new_tokens + n]
+  count_B: jax.Array         # int32 [B]
+  x_B: jax.Array             # int32 [B], head 1's token, fed first next pass
+  d_BxNd: jax.Array          # int32 [B, Nd], the drafts fed after it
+  q_BxNdxV: jax.Array        # float32 [B, Nd, V], the drafts' distributions
+  accepted_BxNp: jax.Array   # int32 [B, max_new_tokens], tokens per pass
+  passes: jax.Array          # int32 [], forward passes so far
+
+
+def not_done(state, max_new_tokens: int):
+  """The decode loops' condition: some row still short, passes left."""
+  return (jnp.any(state.count_B < max_new_tokens)
+          & (state.passes < max_new_tokens))
+
+
+def verified_init(config: PythiaConfig, params: Params, prompt_BxP,
+                  row_keys_Bx2, temperature, *, max_new_tokens: int,
+                  greedy: bool) -> VerifiedState:
+  """Prefill: feeds the prompt, emits head 1's token, drafts the next n-1."""
   b, p = prompt_BxP.shape
   n = config.num_token_heads
   cache = init_cache(config, b, p + max_new_tokens + n, all_heads=True)
@@ -101,49 +120,62 @@ def generate_verified(config: PythiaConfig, params: Params, prompt_BxP,
   x_B, d_BxNd, q_BxNdxV = _propose(jnp.swapaxes(logits_NxBx1xV[:, :, 0], 0, 1),
                                  pass_keys(row_keys_Bx2, 0), temperature, greedy)
   out_BxG = jnp.zeros((b, max_new_tokens + n), jnp.int32).at[:, 0].set(x_B)
-  count_B = jnp.ones((b,), jnp.int32)
   accepted_BxNp = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(1)
-  carry = (cache, out_BxG, count_B, x_B, d_BxNd, q_BxNdxV, accepted_BxNp,
-           jnp.int32(1))
+  return VerifiedState(cache, out_BxG, jnp.ones((b,), jnp.int32), x_B, d_BxNd,
+                       q_BxNdxV, accepted_BxNp, jnp.int32(1))
 
-  def cond(carry):
-    count_B, passes = carry[2], carry[-1]
-    return jnp.any(count_B < max_new_tokens) & (passes < max_new_tokens)
 
-  def body(carry):
-    (cache, out_BxG, count_B, x_B, d_BxNd, q_BxNdxV, accepted_BxNp,
-     passes) = carry
-    keys_B = pass_keys(row_keys_Bx2, passes)
-    chunk_BxN = jnp.concatenate([x_B[:, None], d_BxNd], axis=1)
-    active_B = count_B < max_new_tokens
-    end_B = cache["end"]
-    logits_NxBxNxV, cache = forward_cached(config, params, cache, chunk_BxN,
-                                           all_heads=True)
-    # Greedy verification compares argmaxes, so logits serve as well as p.
-    head1_BxNxV = logits_NxBxNxV[0]
-    if not greedy:
-      head1_BxNxV = jax.nn.softmax(head1_BxNxV / temperature, axis=-1)
-    j_B, x_next_B = _verify(head1_BxNxV, d_BxNd, q_BxNdxV, keys_B, greedy)
-    # The cache keeps x and the accepted drafts; entries written for the
-    # rejected ones lie past the new end and are overwritten before any
-    # query can see them.
-    cache = {**cache, "end": end_B + jnp.where(active_B, j_B + 1, 0)}
-    # New drafts from heads 2..n at the last accepted position j.
-    at_j_BxNxV = jax.vmap(lambda l, j: l[:, j], in_axes=(1, 0))(
-        logits_NxBxNxV, j_B)
-    _, d_new_BxNd, q_new_BxNdxV = _propose(at_j_BxNxV, _sub(keys_B, 3),
-                                         temperature, greedy)
-    emitted_BxN = jnp.where(jnp.arange(n)[None] < j_B[:, None],
-                            jnp.pad(d_BxNd, ((0, 0), (0, 1))), 0)
-    emitted_BxN = jnp.where(jnp.arange(n)[None] == j_B[:, None],
-                            x_next_B[:, None], emitted_BxN)
-    m_B = jnp.where(active_B, j_B + 1, 0)
-    out_BxG = jnp.where(active_B[:, None],
-                        write_rows(out_BxG, emitted_BxN, count_B), out_BxG)
-    accepted_BxNp = accepted_BxNp.at[:, passes].set(m_B)
-    return (cache, out_BxG, count_B + m_B, x_next_B, d_new_BxNd, q_new_BxNdxV,
-            accepted_BxNp, passes + 1)
+def verified_body(config: PythiaConfig, params: Params, state: VerifiedState,
+                  row_keys_Bx2, temperature, *, max_new_tokens: int,
+                  greedy: bool) -> VerifiedState:
+  """One verifying pass: feeds [x, drafts], accepts j drafts, emits j + 1."""
+  n = config.num_token_heads
+  cache, out_BxG, count_B, x_B, d_BxNd, q_BxNdxV = state[:6]
+  accepted_BxNp, passes = state.accepted_BxNp, state.passes
+  keys_B = pass_keys(row_keys_Bx2, passes)
+  chunk_BxN = jnp.concatenate([x_B[:, None], d_BxNd], axis=1)
+  active_B = count_B < max_new_tokens
+  end_B = cache["end"]
+  logits_NxBxNxV, cache = forward_cached(config, params, cache, chunk_BxN,
+                                         all_heads=True)
+  # Greedy verification compares argmaxes, so logits serve as well as p.
+  head1_BxNxV = logits_NxBxNxV[0]
+  if not greedy:
+    head1_BxNxV = jax.nn.softmax(head1_BxNxV / temperature, axis=-1)
+  j_B, x_next_B = _verify(head1_BxNxV, d_BxNd, q_BxNdxV, keys_B, greedy)
+  # The cache keeps x and the accepted drafts; entries written for the
+  # rejected ones lie past the new end and are overwritten before any
+  # query can see them.
+  cache = {**cache, "end": end_B + jnp.where(active_B, j_B + 1, 0)}
+  # New drafts from heads 2..n at the last accepted position j.
+  at_j_BxNxV = jax.vmap(lambda l, j: l[:, j], in_axes=(1, 0))(
+      logits_NxBxNxV, j_B)
+  _, d_new_BxNd, q_new_BxNdxV = _propose(at_j_BxNxV, _sub(keys_B, 3),
+                                       temperature, greedy)
+  emitted_BxN = jnp.where(jnp.arange(n)[None] < j_B[:, None],
+                          jnp.pad(d_BxNd, ((0, 0), (0, 1))), 0)
+  emitted_BxN = jnp.where(jnp.arange(n)[None] == j_B[:, None],
+                          x_next_B[:, None], emitted_BxN)
+  m_B = jnp.where(active_B, j_B + 1, 0)
+  out_BxG = jnp.where(active_B[:, None],
+                      write_rows(out_BxG, emitted_BxN, count_B), out_BxG)
+  accepted_BxNp = accepted_BxNp.at[:, passes].set(m_B)
+  return VerifiedState(cache, out_BxG, count_B + m_B, x_next_B, d_new_BxNd,
+                       q_new_BxNdxV, accepted_BxNp, passes + 1)
 
-  _, out_BxG, _, _, _, _, accepted_BxNp, passes = jax.lax.while_loop(
-      cond, body, carry)
-  return out_BxG[:, :max_new_tokens], accepted_BxNp, passes
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens",
+                                              "greedy"))
+def generate_verified(config: PythiaConfig, params: Params, prompt_BxP,
+                      row_keys_Bx2, temperature, *, max_new_tokens: int,
+                      greedy: bool):
+  """Same outputs as `generate_dynamo`: (tokens, accepted, passes)."""
+  kw = dict(max_new_tokens=max_new_tokens, greedy=greedy)
+  state = verified_init(config, params, prompt_BxP, row_keys_Bx2, temperature,
+                        **kw)
+  state = jax.lax.while_loop(
+      functools.partial(not_done, max_new_tokens=max_new_tokens),
+      lambda s: verified_body(config, params, s, row_keys_Bx2, temperature,
+                              **kw), state)
+  return (state.out_BxG[:, :max_new_tokens], state.accepted_BxNp,
+          state.passes)

@@ -29,14 +29,19 @@ flush + fsync; a partial last line left by a kill is cut on the next start.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import time
 from typing import Sequence
 
-from dynamo_jax.errors import InputError, show_value
+from dynamo_jax.errors import InputError
+# SETTINGS_FILE and parse_eps_b_grid are part of this module's interface too.
+from dynamo_jax.evaluation.rundir import (SETTINGS_FILE, append_row,
+                                          check_grid, check_seeds,
+                                          check_settings, generation_settings,
+                                          lock_dir, parse_eps_b_grid,
+                                          read_rows, row_counts,
+                                          sampling_kwargs, timed_generate)
 
 PAPER_PROMPTS = (
     "I am a student at the", "This is going to be a very",
@@ -47,10 +52,6 @@ PAPER_EPS_B_GRID = tuple(round(0.02 * i, 2) for i in range(51))
 FIELDS = ("prompt_id", "prompt", "seed", "mode", "eps_b", "text", "prompt_ids",
           "token_ids", "forward_passes", "tokens_per_pass", "seconds", "model")
 ROWS_FILE = "generations.jsonl"
-SETTINGS_FILE = "run.json"
-# generate's keyword defaults that shape a row; recorded, never passed.
-_LIBRARY_DEFAULTS = ("k", "alpha", "repetition_penalty", "use_cooc", "blur",
-                     "otsu", "exact_head1", "kernel")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -94,37 +95,6 @@ def _jsonl_prompt(line: str, number: int, path: str) -> str:
   return record["prompt"]
 
 
-def parse_eps_b_grid(text: str) -> list[float]:
-  """'0,0.5,1' -> [0.0, 0.5, 1.0], each checked to lie in [0, 1]."""
-  return _grid(text.split(","))
-
-
-def _grid(values) -> list[float]:
-  numbers = []
-  for value in values:
-    try:
-      numbers.append(float(value))
-    except (TypeError, ValueError):
-      raise InputError(f"eps_b {show_value(value)} is not a number; give "
-                       "values in [0, 1], e.g. 0,0.5,1.") from None
-  bad = [v for v in numbers if not 0.0 <= v <= 1.0]
-  if bad or not numbers:
-    raise InputError(f"eps_b values must lie in [0, 1] (1 is AR), got "
-                     f"{bad[0] if bad else 'none'}.")
-  return sorted(set(numbers))
-
-
-def _seeds(seeds) -> list[int]:
-  if isinstance(seeds, int) and not isinstance(seeds, bool):
-    if seeds >= 1:
-      return list(range(seeds))
-    raise InputError(f"seeds must be >= 1 (seeds per prompt), got {seeds}.")
-  seeds = list(seeds)  # generate checks the upper bound
-  if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-    raise InputError("seeds must be a count or non-negative integers.")
-  return sorted(set(seeds))
-
-
 def _encode(model, prompts, max_new_tokens) -> list[list[int]]:
   """Token ids per prompt, checked to fit the model's positions."""
   config = model.config
@@ -156,70 +126,11 @@ def _encode(model, prompts, max_new_tokens) -> list[list[int]]:
 
 def _settings(model, model_name, prompts, max_new_tokens, temperature,
               batch_seeds) -> dict:
-  # pylint: disable=import-outside-toplevel
-  import inspect
-  from dynamo_jax.decoding.generate import generate
-  params = inspect.signature(generate).parameters
-  settings = {
-      "model": model_name, "model_config": dataclasses.asdict(model.config),
-      "prompts": list(prompts), "max_new_tokens": max_new_tokens,
-      "temperature": temperature, "batch_seeds": batch_seeds,
-      "cooc_table": model.cooc is not None,
-      "generate_defaults": {k: params[k].default for k in _LIBRARY_DEFAULTS}}
-  return json.loads(json.dumps(settings, default=str))
-
-
-def _check_settings(out_dir: str, settings: dict) -> None:
-  """Writes run.json in a new directory, or refuses other settings."""
-  from dynamo_jax import fileio  # pylint: disable=import-outside-toplevel
-  path = os.path.join(out_dir, SETTINGS_FILE)
-  fileio.remove_stale(out_dir, SETTINGS_FILE)
-  if not os.path.exists(path):
-    if os.listdir(out_dir):
-      raise InputError(f"{out_dir} holds files but no {SETTINGS_FILE}, so it "
-                       "was not made by completions; give a new or empty "
-                       "--out.")
-    fileio.atomic_write_text(path, json.dumps(settings, indent=1))
-    return
-  try:
-    with open(path, encoding="utf-8") as fh:
-      old = json.load(fh)
-  except ValueError:
-    raise InputError(f"{path} is damaged (not JSON); give a new --out.") from None
-  changed = [k for k in sorted(set(old) | set(settings))
-             if old.get(k) != settings.get(k)]
-  if changed:
-    what = "; ".join(f"{k}: {show_value(old.get(k))} there, "
-                     f"{show_value(settings.get(k))} now" for k in changed)
-    raise InputError(f"{out_dir} holds rows made with other settings ({what}); "
-                     "give a new --out, or the same settings to resume.")
-
-
-def _read_rows(path: str) -> set:
-  """Keys of the rows in `path`; a partial last line (a killed write) is
-  truncated away."""
-  if not os.path.exists(path):
-    return set()
-  with open(path, "rb") as fh:
-    data = fh.read()
-  end = data.rfind(b"\n") + 1
-  if end < len(data):
-    os.truncate(path, end)
-  keys = set()
-  for number, line in enumerate(data[:end].split(b"\n")[:-1], 1):
-    try:
-      row = json.loads(line)
-    except ValueError:
-      row = None
-    if not isinstance(row, dict) or sorted(row) != sorted(FIELDS):
-      raise InputError(f"{path} line {number} is not a generation row (the "
-                       "file was edited or damaged); give a new --out.")
-    key = _key(row["prompt_id"], row["seed"], row["mode"], row["eps_b"])
-    if key in keys:
-      raise InputError(f"{path} line {number} repeats the row {key}; the file "
-                       "was edited or written by two runs; give a new --out.")
-    keys.add(key)
-  return keys
+  settings = generation_settings(model, model_name, max_new_tokens,
+                                 temperature, batch_seeds)
+  return {"model": settings.pop("model"),
+          "model_config": settings.pop("model_config"),
+          "prompts": list(prompts), **settings}
 
 
 def _key(prompt_id, seed, mode, eps_b):
@@ -247,19 +158,6 @@ def _calls(todo: list[tuple], batch_seeds: bool):
   return calls
 
 
-def _lock(out_dir: str) -> int:
-  """Locks OUT so two runs never append to one file (a kill releases it)."""
-  import fcntl  # pylint: disable=import-outside-toplevel
-  fd = os.open(out_dir, os.O_RDONLY)
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    os.close(fd)
-    raise InputError(f"another completions run is writing {out_dir}; wait "
-                     "for it or give another --out.") from None
-  return fd
-
-
 def run_completions(model=None, prompts: Sequence[str] | None = None, *,
                     out_dir: str, seeds=10, eps_b_grid=PAPER_EPS_B_GRID,
                     max_new_tokens: int = 64, temperature: float = 0.7,
@@ -274,7 +172,7 @@ def run_completions(model=None, prompts: Sequence[str] | None = None, *,
   prompts = list(PAPER_PROMPTS if prompts is None else prompts)
   if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
     raise InputError("prompts must be a non-empty list of non-empty strings.")
-  seeds, eps_b_grid = _seeds(seeds), _grid(eps_b_grid)
+  seeds, eps_b_grid = check_seeds(seeds), check_grid(eps_b_grid)
   if type(max_new_tokens) is not int or max_new_tokens < 1:
     raise InputError(f"max_new_tokens must be a positive integer, got "
                      f"{max_new_tokens!r}.")
@@ -297,11 +195,12 @@ def run_completions(model=None, prompts: Sequence[str] | None = None, *,
     os.makedirs(out_dir, exist_ok=True)
   except OSError as e:
     raise InputError(f"cannot create {out_dir}: {e.strerror or e}.") from None
-  lock = _lock(out_dir)
+  lock = lock_dir(out_dir)
   try:
-    _check_settings(out_dir, settings)
+    check_settings(out_dir, settings)
     path = os.path.join(out_dir, ROWS_FILE)
-    done = _read_rows(path)
+    done = read_rows(path, FIELDS, lambda r: _key(
+        r["prompt_id"], r["seed"], r["mode"], r["eps_b"]))
     wanted = plan(len(prompts), seeds, eps_b_grid, verified)
     todo = [k for k in wanted if k not in done]
     _make_rows(model, prompts, encoded, _calls(todo, batch_seeds), path,
@@ -316,7 +215,6 @@ def _make_rows(model, prompts, encoded, calls, path, settings, total,
   # pylint: disable=import-outside-toplevel
   import numpy as np
   from tqdm.auto import tqdm
-  from dynamo_jax.decoding.generate import generate
   bar = tqdm(total=total, initial=total - sum(len(c[3]) for c in calls),
              desc="completions", unit="gen", disable=not progress)
   compiled = set()
@@ -324,30 +222,17 @@ def _make_rows(model, prompts, encoded, calls, path, settings, total,
     for p, mode, eps, seeds in calls:
       bar.set_postfix_str(mode if eps is None else f"{mode} eps_b={eps:g}")
       ids = np.asarray([encoded[p]] * len(seeds), np.int32)
-      kwargs = dict(max_new_tokens=settings["max_new_tokens"], mode=mode,
-                    temperature=settings["temperature"], seed=seeds)
-      if mode == "dynamo":
-        kwargs.update(eps_b=eps, cooc=model.cooc)
-      shape = (mode, ids.shape)
-      if shape not in compiled:  # compile outside the timed call
-        generate(model.config, model.params, ids, **kwargs)
-        compiled.add(shape)
-      start = time.perf_counter()
-      out = generate(model.config, model.params, ids, **kwargs)
-      seconds = (time.perf_counter() - start) / len(seeds)
+      out, seconds = timed_generate(
+          model, ids, compiled,
+          **sampling_kwargs(model, mode, eps, settings, seeds))
       for b, seed in enumerate(seeds):
-        accepted = out.accepted[b]
-        passes = int((accepted > 0).sum())  # passes while this row decoded
-        tokens = [int(t) for t in out.tokens[b]]
-        row = dict(prompt_id=p, prompt=prompts[p], seed=seed, mode=mode,
-                   eps_b=eps, text=model.tokenizer.decode(tokens),
-                   prompt_ids=encoded[p], token_ids=tokens,
-                   forward_passes=passes,
-                   tokens_per_pass=float(accepted.sum()) / max(passes, 1),
-                   seconds=seconds, model=settings["model"])
-        fh.write(json.dumps(row).encode() + b"\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+        tokens, passes, tokens_per_pass = row_counts(out, b)
+        append_row(fh, dict(
+            prompt_id=p, prompt=prompts[p], seed=seed, mode=mode, eps_b=eps,
+            text=model.tokenizer.decode(tokens), prompt_ids=encoded[p],
+            token_ids=tokens, forward_passes=passes,
+            tokens_per_pass=tokens_per_pass, seconds=seconds,
+            model=settings["model"]))
         bar.update(1)
 
 

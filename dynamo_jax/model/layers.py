@@ -95,13 +95,28 @@ def write_cache(cache_BxSxHxDh, new_BxTxHxDh, end_B):
   )(cache_BxSxHxDh, new_BxTxHxDh.astype(cache_BxSxHxDh.dtype), end_B)
 
 
+def tree_mask(tree_TxT, end_B, s: int):
+  """bool [B, T, S]: which cache slots each of a tree chunk's T tokens sees.
+
+  The chunk sits at slots end..end+T-1; tree_TxT[i, j] says token j is token
+  i's ancestor or itself. Every slot before `end` (the accepted past) is
+  visible; in the chunk, only ancestors; slots after it are not.
+  """
+  t = tree_TxT.shape[0]
+  rel_BxS = jnp.arange(s)[None, :] - end_B[:, None]
+  in_chunk_BxS = (rel_BxS >= 0) & (rel_BxS < t)
+  anc_TxBxS = jnp.asarray(tree_TxT, jnp.bool_)[:, jnp.clip(rel_BxS, 0, t - 1)]
+  return ((rel_BxS < 0)[:, None, :]
+          | (in_chunk_BxS[:, None, :] & jnp.swapaxes(anc_TxBxS, 0, 1)))
+
+
 class Attention(nn.Module):
   """Causal self-attention with fused per-head QKV and partial rotary."""
   config: PythiaConfig
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, cache: Cache | None = None,
-               end_B=None):
+               end_B=None, tree_TxT=None):
     cfg = self.config
     d, h, k = cfg.hidden_size, cfg.num_heads, cfg.head_dim
     init = nn.initializers.normal(0.02)
@@ -142,6 +157,8 @@ class Attention(nn.Module):
     # Cache slots past the query are either unwritten or this call's own
     # later tokens, so this one mask is exact for cached and uncached calls.
     mask_BxTxS = key_pos_BxS[:, None, :] <= positions_BxT[:, :, None]
+    if tree_TxT is not None:
+      mask_BxTxS = tree_mask(tree_TxT, end_B, keys_BxSxHxDh.shape[1])
     scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS,
                                jnp.finfo(jnp.float32).min)
     probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(cfg.dtype)
@@ -179,11 +196,11 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, cache: Cache | None = None,
-               end_B=None) -> tuple[Any, Cache | None]:
+               end_B=None, tree_TxT=None) -> tuple[Any, Cache | None]:
     cfg = self.config
     attn_BxTxD, new_cache = Attention(cfg, name="attention")(
         LayerNorm(cfg, name="input_layernorm")(x_BxTxD), positions_BxT,
-        cache, end_B)
+        cache, end_B, tree_TxT)
     post_ln = LayerNorm(cfg, name="post_attention_layernorm")
     mlp = Mlp(cfg, name="mlp")
     if cfg.use_parallel_residual:

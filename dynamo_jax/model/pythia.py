@@ -66,21 +66,24 @@ class Pythia(nn.Module):
                       preferred_element_type=jnp.float32)
 
   def hidden_states(self, tokens_BxT, positions_BxT, cache=None, end_B=None,
-                    all_heads: bool = False):
+                    all_heads: bool = False, tree_TxT=None):
     """Pre-layer-norm outputs of head 1 (and heads 2..N): a list of [B,T,D].
 
     Returns (hiddens, cache updates): the updated cache entries by name.
     """
     return self.hidden_states_from_embeddings(
-        self.embed_in(tokens_BxT), positions_BxT, cache, end_B, all_heads)
+        self.embed_in(tokens_BxT), positions_BxT, cache, end_B, all_heads,
+        tree_TxT)
 
   def hidden_states_from_embeddings(self, x_BxTxD, positions_BxT, cache=None,
-                                    end_B=None, all_heads: bool = False):
+                                    end_B=None, all_heads: bool = False,
+                                    tree_TxT=None):
     updates = {}
 
     def run(layer, name, x_BxTxD):
       y_BxTxD, c = layer(x_BxTxD, positions_BxT,
-                         None if cache is None else cache[name], end_B)
+                         None if cache is None else cache[name], end_B,
+                         tree_TxT)
       if c is not None:
         updates[name] = c
       return constrain(y_BxTxD, RESIDUAL_AXES)
@@ -100,7 +103,7 @@ class Pythia(nn.Module):
 
   def __call__(self, tokens_BxT, positions_BxT=None, cache=None, end_B=None,
                all_heads: bool = False, select_B=None,
-               exact_head1: bool = True):
+               exact_head1: bool = True, tree_TxT=None):
     """Logits float32 [B,T,V] (head 1), or [N,B,T,V] with all_heads.
 
     select_B: int [B], unembed only position select_B[b] of each row (T = 1
@@ -113,7 +116,7 @@ class Pythia(nn.Module):
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]),
                                        tokens_BxT.shape)
     hiddens, updates = self.hidden_states(tokens_BxT, positions_BxT, cache,
-                                          end_B, all_heads)
+                                          end_B, all_heads, tree_TxT)
     if select_B is not None:
       rows_B = jnp.arange(tokens_BxT.shape[0])
       hiddens = [h[rows_B, select_B][:, None] for h in hiddens]
@@ -230,7 +233,8 @@ def init_cache(config: PythiaConfig, batch: int, max_len: int, *,
 
 def forward_cached(config: PythiaConfig, params: Params, cache: KVCache,
                    tokens_BxT, lengths_B=None, *, all_heads: bool = False,
-                   last_only: bool = False, exact_head1: bool = True):
+                   last_only: bool = False, exact_head1: bool = True,
+                   tree_TxT=None):
   """One cached forward pass over a chunk of T tokens per row.
 
   Row b's tokens take positions end[b] .. end[b]+T-1; only its first
@@ -245,15 +249,28 @@ def forward_cached(config: PythiaConfig, params: Params, cache: KVCache,
   all_heads) unembeds all heads in one matmul: embed_out is read once
   instead of twice, and head 1 may differ from the base model by rounding
   (~1e-6). Pure; jit it with `donate_argnums=2` to update in place.
+
+  tree_TxT: bool [T, T] (static topology, the same for every row), token j
+  is token i's ancestor or i itself; then the chunk is a tree of
+  continuations rather than a sequence: token i sits at position end +
+  depth(i) (depth = ancestors - 1) and attends to the past and its
+  ancestors only, so its logits are those of the uncached forward over the
+  past plus its root-to-i path. The caller keeps one path afterwards
+  (moving its entries to end.. and setting `end`).
   """
   end_B = cache["end"]
   t = tokens_BxT.shape[1]
-  positions_BxT = end_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  if tree_TxT is None:
+    offsets_T = jnp.arange(t, dtype=jnp.int32)
+  else:
+    offsets_T = jnp.sum(jnp.asarray(tree_TxT, jnp.int32), axis=1) - 1
+  positions_BxT = end_B[:, None] + offsets_T[None, :]
   if lengths_B is None:
     lengths_B = jnp.full_like(end_B, t)
   select_B = jnp.maximum(lengths_B - 1, 0) if last_only else None
   logits, updates = Pythia(config).apply(
       {"params": params}, tokens_BxT, positions_BxT, cache, end_B,
-      all_heads=all_heads, select_B=select_B, exact_head1=exact_head1)
+      all_heads=all_heads, select_B=select_B, exact_head1=exact_head1,
+      tree_TxT=tree_TxT)
   return logits, {**cache, **updates,
                   "end": end_B + lengths_B.astype(jnp.int32)}

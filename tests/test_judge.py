@@ -8,14 +8,11 @@ process; NLLs use the embedded default model (loaded once per module).
 import argparse
 import collections
 import functools
-import http.server
 import json
 import logging
 import math
 import os
-import re
 import socket
-import threading
 import time
 
 import numpy as np
@@ -28,72 +25,18 @@ from dynamo_jax.evaluation import judging
 from dynamo_jax.evaluation.judge import (JudgeConnectionError, JudgeError,
                                          PairwiseJudge, parse_verdict)
 from dynamo_jax.fileio import temp_prefix
+from tests.judge_server import chat_reply as _chat
+from tests.judge_server import prefers_good, serve
+from tests.judge_server import shown as _shown_pair
 
 KEY_ENV = "DYNAMO_TEST_JUDGE_KEY"
 KEY = "sk-test-9f8e7d6c5b4a-secret"
-_SHOWN = re.compile(r"\[Response A\]\n(.*)\n\n\[Response B\]\n(.*)\n\nWhich",
-                    re.S)
-
-
-def _chat(content):
-  return {"id": "x", "object": "chat.completion", "choices": [
-      {"index": 0, "message": {"role": "assistant", "content": content},
-       "finish_reason": "stop"}]}
-
-
-def prefers_good(body, _):
-  """A consistent judge: the response containing 'good' wins, else a tie."""
-  first, second = _SHOWN.search(body["messages"][1]["content"]).groups()
-  verdict = "A" if "good" in first else "B" if "good" in second else "C"
-  return 200, {}, _chat(f"Reasoning first. Final verdict: [[{verdict}]]")
-
-
-class _Server(http.server.ThreadingHTTPServer):
-  daemon_threads = True
-
-  def __init__(self):
-    super().__init__(("127.0.0.1", 0), _Handler)
-    self.respond = prefers_good  # (body, request number) -> status, headers, json
-    self.log = []
-    self.url = f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-
-  def do_POST(self):  # pylint: disable=invalid-name
-    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-    self.server.log.append({"path": self.path, "body": body,
-                            "auth": self.headers.get("Authorization")})
-    answer = self.server.respond(body, len(self.server.log))
-    if answer is None:  # hang up without a response
-      self.close_connection = True
-      return
-    status, headers, payload = answer
-    data = (payload if isinstance(payload, bytes)
-            else json.dumps(payload).encode())
-    try:
-      self.send_response(status)
-      for k, v in headers.items():
-        self.send_header(k, v)
-      self.send_header("Content-Length", str(len(data)))
-      self.end_headers()
-      self.wfile.write(data)
-    except OSError:
-      pass  # the client timed out and closed the connection
-
-  def log_message(self, *args):  # quiet
-    pass
 
 
 @pytest.fixture
 def server():
-  srv = _Server()
-  thread = threading.Thread(target=srv.serve_forever, args=(0.05,),
-                            daemon=True)
-  thread.start()
-  yield srv
-  srv.shutdown()
-  srv.server_close()
+  with serve() as srv:
+    yield srv
 
 
 def _judge(url, **kw):
@@ -107,7 +50,7 @@ def _judge(url, **kw):
 
 
 def _shown(entry):
-  return _SHOWN.search(entry["body"]["messages"][1]["content"]).groups()
+  return _shown_pair(entry["body"])
 
 
 def test_parse_verdict():

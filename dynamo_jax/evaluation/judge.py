@@ -128,8 +128,7 @@ class PairwiseJudge:
     self._lock = threading.Lock()
     self.requests = 0
     self.cache_hits = 0
-    if cache_dir:
-      os.makedirs(cache_dir, exist_ok=True)
+    if cache_dir and os.path.isdir(cache_dir):  # made on the first verdict
       # Temp files of runs killed mid-write (the owner pid is in the name).
       for name in {e[1:e.index(".tmp-")] for e in os.listdir(cache_dir)
                    if e.startswith(".") and ".tmp-" in e}:
@@ -139,6 +138,30 @@ class PairwiseJudge:
     key = "set" if self._key else "not set"
     return (f"PairwiseJudge(base_url={self.base_url!r}, model={self.model!r}, "
             f"api_key_env={self.api_key_env!r} ({key}))")
+
+  def probe(self) -> None:
+    """Raises JudgeConnectionError when the server cannot be reached, and
+    JudgeError when it refuses the key (HTTP 401 / 403), from one GET of
+    {base_url}/models (which OpenAI-compatible servers serve); any other
+    answer, an error page included, shows a server is there. Callers probe
+    before hours of generation, not after."""
+    headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+    request = urllib.request.Request(f"{self.base_url}/models",
+                                     headers=headers, method="GET")
+    try:
+      with urllib.request.urlopen(request, timeout=min(self.timeout, 30.0)):
+        pass
+    except urllib.error.HTTPError as e:
+      if e.code in (401, 403):
+        raise JudgeError(f"the judge at {self.base_url} refused the key: HTTP "
+                         f"{e.code}; {self._hint(e.code)}.") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+      reason = getattr(e, "reason", e)
+      raise JudgeConnectionError(
+          f"cannot reach the judge at {self.base_url} ({type(reason).__name__}"
+          f": {self._redact(str(reason))}): check that the server is running "
+          "and that --judge-url is its OpenAI-compatible base URL (e.g. "
+          "http://127.0.0.1:8000/v1).") from None
 
   def compare(self, question: str, answer_a: str, answer_b: str) -> str:
     """'a' when answer_a wins (in whichever order it was shown), 'b' when
@@ -175,6 +198,7 @@ class PairwiseJudge:
       record = {"judge_model": self.model, "verdict": verdict,
                 "question": question, "first": first, "second": second,
                 "reply": self._redact(reply)}
+      os.makedirs(self.cache_dir, exist_ok=True)
       atomic_write_text(path, json.dumps(record, indent=1))
     return verdict
 
@@ -270,20 +294,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--reference", metavar="M", help="model scoring the NLLs: "
                  "checkpoint directory or hub id (default: each generation's "
                  "own model, head 1)")
-  p.add_argument("--judge-url", metavar="URL", help="OpenAI-compatible API "
-                 "root, e.g. http://127.0.0.1:8000/v1; without it the quality "
-                 "axis is the offline NLL ratio")
-  p.add_argument("--judge-model", metavar="NAME", help="the judge's model name")
-  p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
-                 help="environment variable holding the API key (default "
-                 "OPENAI_API_KEY; unset: no Authorization header)")
-  p.add_argument("--cache-dir", metavar="D", help="verdict cache (default: "
-                 "DIR/judge_cache); a re-run never asks twice")
-  p.add_argument("--workers", type=int, default=4,
-                 help="concurrent judge requests (default 4)")
-  p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                 help="bootstrap resamples for the speed-up interval")
-  p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+  add_judge_arguments(p, without="the quality axis is the offline NLL ratio",
+                      cache="DIR/judge_cache")
   p.add_argument("--out", metavar="DIR", help="output directory (default "
                  "DIR/judge; its files are replaced)")
   p.add_argument("--json", action="store_true",
@@ -292,24 +304,56 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   return p
 
 
+def add_judge_arguments(p, *, without: str, cache: str) -> None:
+  """The judge's options (shared by eval judge and eval chat): `without`
+  says what happens with no judge, `cache` where verdicts go by default."""
+  p.add_argument("--judge-url", metavar="URL", help="OpenAI-compatible API "
+                 f"root, e.g. http://127.0.0.1:8000/v1; without it {without}")
+  p.add_argument("--judge-model", metavar="NAME", help="the judge's model name")
+  p.add_argument("--api-key-env", metavar="VAR", help="environment variable "
+                 "holding the API key; when given it must be set (default: "
+                 "OPENAI_API_KEY if set, else no Authorization header, as a "
+                 "local server needs)")
+  p.add_argument("--cache-dir", metavar="D", help=f"verdict cache (default: "
+                 f"{cache}); a re-run never asks twice")
+  p.add_argument("--workers", type=int, default=4,
+                 help="concurrent judge requests (default 4)")
+  p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                 help="bootstrap resamples for the intervals")
+  p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+
+
+def judge_from_args(args, cache_dir: str) -> PairwiseJudge | None:
+  """The PairwiseJudge the options of `add_judge_arguments` ask for (None
+  without --judge-url), its verdicts cached in --cache-dir or `cache_dir`.
+  Checks the options, not the server (`PairwiseJudge.probe` does); writes
+  nothing."""
+  if bool(args.judge_url) != bool(args.judge_model):
+    raise DynamoError("give --judge-url and --judge-model together (or "
+                      "neither, to go without a judge).")
+  if args.workers < 1 or args.bootstrap < 0:
+    raise DynamoError("--workers must be >= 1 and --bootstrap >= 0.")
+  if args.api_key_env is not None and not os.environ.get(args.api_key_env):
+    raise DynamoError(f"--api-key-env names ${args.api_key_env}, which is "
+                      "not set (or empty); export the judge's API key there, "
+                      "or leave --api-key-env out for a judge without a key.")
+  if not args.judge_url:
+    return None
+  return PairwiseJudge(args.judge_url, args.judge_model,
+                       api_key_env=args.api_key_env or "OPENAI_API_KEY",
+                       cache_dir=args.cache_dir or cache_dir)
+
+
 def run(args) -> dict:
   # pylint: disable=import-outside-toplevel
   from dynamo_jax.evaluation import judge_report, judging
-  if bool(args.judge_url) != bool(args.judge_model):
-    raise DynamoError("give --judge-url and --judge-model together (or "
-                      "neither, for offline scores only).")
-  if args.workers < 1 or args.bootstrap < 0:
-    raise DynamoError("--workers must be >= 1 and --bootstrap >= 0.")
   path = args.generations
   if os.path.isdir(path):
     path = os.path.join(path, judging.GENERATIONS_FILE)
   base = os.path.dirname(os.path.abspath(path))
-  judge = None
-  if args.judge_url:
-    judge = PairwiseJudge(args.judge_url, args.judge_model,
-                          api_key_env=args.api_key_env,
-                          cache_dir=args.cache_dir
-                          or os.path.join(base, "judge_cache"))
+  judge = judge_from_args(args, os.path.join(base, "judge_cache"))
+  if judge is not None:
+    judge.probe()
   summary = judging.judge_generations(
       path, args.out or os.path.join(base, "judge"), reference=args.reference,
       judge=judge, bootstrap=args.bootstrap, seed=args.seed,

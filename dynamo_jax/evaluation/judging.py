@@ -23,7 +23,9 @@ reference, which repetition also buys: read it beside distinct-n).
 Judged (a PairwiseJudge, both orders per pair): wins, losses, ties from the
 DynaMo row's side; win_rate = wins / losses (the paper's), None when there
 are no losses (undefined: such a group is left out of the regression);
-win_score = (wins + ties / 2) / pairs beside it. Identical texts are a tie
+win_score = (wins + ties / 2) / pairs beside it; win_rate_interval, a
+percentile bootstrap interval of win_rate (rows resampled within the group,
+seeded; win_rate_defined resamples had a loss). Identical texts are a tie
 without asking the judge.
 Same-quality speed-up: per non-AR mode, the least-squares line of the group
 quality (win_rate with a judge; without one, nll_ratio, the offline axis)
@@ -280,13 +282,18 @@ def summarize(rows, base, scores, outcomes, *, bootstrap: int = 1000,
       g[name] = int(table[count].sum())
     for k in ("distinct_1", "distinct_2", "distinct_3", "repetition"):
       g[k] = float(np.nanmean([scores[i][k] for i in idx]))
-    if key[0] == "ar" or not judged:
-      for k in ("wins", "losses", "ties", "win_rate", "win_score"):
-        g[k] = None
-    groups.append(g)
     if key[0] != "ar":
       draw = rng.integers(0, len(idx), size=(bootstrap, len(idx)))
       samples[key] = _group_values({k: v[draw].sum(1) for k, v in table.items()})
+      rates = samples[key]["win_rate"][np.isfinite(samples[key]["win_rate"])]
+      g["win_rate_interval"] = (list(np.percentile(rates, _INTERVAL))
+                                if rates.size and judged else None)
+      g["win_rate_defined"] = int(rates.size) if judged else None
+    if key[0] == "ar" or not judged:
+      for k in ("wins", "losses", "ties", "win_rate", "win_score",
+                "win_rate_interval", "win_rate_defined"):
+        g[k] = None
+    groups.append(g)
   result = {}
   for mode in sorted({k[0] for k in samples}, key=_MODE_ORDER.get):  # not AR
     mine = [g for g in groups if g["mode"] == mode]

@@ -15,6 +15,7 @@ from dynamo_jax.cooc.table import CoocTable
 from dynamo_jax.decoding.ar import generate_ar
 from dynamo_jax.decoding.dynamo import SamplerSettings, generate_dynamo
 from dynamo_jax.decoding.sampling import row_keys
+from dynamo_jax.decoding.tree import generate_tree
 from dynamo_jax.decoding.verified import generate_verified
 from dynamo_jax.errors import InputError
 from dynamo_jax.kernels import KERNELS
@@ -97,7 +98,7 @@ def _seed(seed, batch: int):
   return [int(s) for s in seed]
 
 
-def _check_cooc(config, mode, cooc) -> None:
+def _check_cooc(config, mode, cooc, tree) -> None:
   if cooc is None:
     return
   # Besides a CoocTable: anything with the sampler's interface (a
@@ -105,16 +106,16 @@ def _check_cooc(config, mode, cooc) -> None:
   if not (isinstance(cooc, CoocTable) or hasattr(cooc, "grid_weights")):
     raise InputError(f"cooc must be None or a CoocTable (dynamo_jax.cooc.load,"
                      f" count_ngrams), got {type(cooc).__name__}.")
-  if mode != "dynamo":
-    raise InputError(f"cooc weights DynaMo sampling; mode {mode!r} does not "
-                     "use it.")
+  if mode != "dynamo" and not tree:
+    raise InputError(f"cooc weights DynaMo sampling and tree proposals; mode "
+                     f"{mode!r} without a tree does not use it.")
   check = getattr(cooc, "check_compatible", None)
   if check is not None:
     check(vocab_size=config.vocab_size, num_heads=config.num_token_heads)
 
 
 def _check(config, mode, max_new_tokens, greedy, temperature, eps_b, k,
-           cooc, kernel, flags, alpha, repetition_penalty):
+           cooc, kernel, flags, alpha, repetition_penalty, tree=0, k_tree=8):
   """Checks every decoding argument before anything is traced."""
   if not isinstance(mode, str) or mode not in MODES:
     raise InputError(f"mode {_show(mode)} unknown; available: {MODES}.")
@@ -156,7 +157,24 @@ def _check(config, mode, max_new_tokens, greedy, temperature, eps_b, k,
         f"mode {mode!r} needs a DynaMo model with token heads; this model has "
         "only head 1. Use mode 'ar' (mode='ar' / --mode ar), or add and train "
         "heads (add_heads, python -m dynamo_jax train).")
-  _check_cooc(config, mode, cooc)
+  _check_tree(mode, tree, k_tree, config.num_token_heads)
+  _check_cooc(config, mode, cooc, tree)
+
+
+def _check_tree(mode, tree, k_tree, n) -> None:
+  if not _is_int(tree) or tree < 0:
+    raise InputError(f"tree must be an integer >= 0 (candidate paths; 0 "
+                     f"verifies one draft chain), got {_show(tree)}.")
+  if tree and mode != "verified":
+    raise InputError(f"tree={tree} is a verified-mode option (mode='verified'"
+                     f" / --mode verified); mode {mode!r} does not use it.")
+  if not _is_int(k_tree) or k_tree < 1:
+    raise InputError(f"k_tree must be a positive integer, got "
+                     f"{_show(k_tree)}.")
+  if tree and tree > k_tree ** (n - 1):
+    raise InputError(f"tree={tree} asks for more paths than the grid has "
+                     f"(k_tree^{n - 1} = {k_tree ** (n - 1)}); lower tree or "
+                     "raise k_tree.")
 
 
 def generate(config: PythiaConfig, params: Params, input_ids, *,
@@ -166,7 +184,8 @@ def generate(config: PythiaConfig, params: Params, input_ids, *,
              kernel: str = "reference", k: int = 50, alpha: float = 1.0,
              use_cooc: bool = True, blur: bool = True, otsu: bool = True,
              repetition_penalty: float = 1.1,
-             exact_head1: bool = True) -> GenerateOutput:
+             exact_head1: bool = True, tree: int = 0,
+             k_tree: int = 8) -> GenerateOutput:
   """Decodes `max_new_tokens` new tokens after each prompt row.
 
   input_ids: int [B, P] (numpy or jax), all rows of the same length P.
@@ -184,11 +203,14 @@ def generate(config: PythiaConfig, params: Params, input_ids, *,
   exact_head1: mode "dynamo" only; False unembeds all heads in one matmul
     (faster; head 1 then matches AR up to rounding, not bit for bit; see
     `SamplerSettings`).
+  tree: mode "verified" only; 0 verifies one draft chain, T > 0 a tree of
+    the T best draft paths (decoding/tree.py; a cooc table, when given,
+    weights the paths), taken from each head's top `k_tree` ids.
   """
   flags = dict(greedy=greedy, use_cooc=use_cooc, blur=blur, otsu=otsu,
                exact_head1=exact_head1)
   _check(config, mode, max_new_tokens, greedy, temperature, eps_b, k, cooc,
-         kernel, flags, alpha, repetition_penalty)
+         kernel, flags, alpha, repetition_penalty, tree, k_tree)
   prompt = _prompt(config, input_ids)
   b, p = prompt.shape
   seeds = _seed(seed, b)
@@ -220,6 +242,13 @@ def generate(config: PythiaConfig, params: Params, input_ids, *,
         config, params, prompt, keys, table, temp, jnp.float32(eps_b),
         jnp.float32(repetition_penalty), max_new_tokens=max_new,
         settings=settings)
+  elif tree:
+    table = (lookup.device_table(cooc) if isinstance(cooc, CoocTable)
+             else cooc)
+    tokens, accepted, passes = generate_tree(
+        config, params, prompt, keys, temp, table, max_new_tokens=max_new,
+        greedy=bool(greedy), paths=int(tree), k_tree=int(k_tree),
+        alpha=float(alpha))
   else:
     tokens, accepted, passes = generate_verified(
         config, params, prompt, keys, temp, max_new_tokens=max_new,

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from dynamo_jax.default_model import default_model_dir
-from tests.conftest import make_hf_model, save_hf
+from tests.conftest import free_port, make_hf_model, save_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -203,6 +203,8 @@ def _trained_run(corrupt=False):
 
 
 _T = ["train", "--config", "tiny-test", "--workdir", "W"]
+_CHAT = ["eval", "chat", "--questions", "q.jsonl", "--out", "o"]
+_QLINE = b'{"question_id": 1, "category": "c", "turns": ["a"]}\n'
 
 
 CASES = [
@@ -350,6 +352,26 @@ CASES = [
     Case("completions-prompts-csv", ["eval", "completions", "--prompts",
                                      "p.csv", "--out", "o"], "must be .txt",
          _write("p.csv", b"a\n")),
+    Case("chat-questions-not-jsonl", _CHAT, "q.jsonl line 1 is not JSON",
+         _write("q.jsonl", b"What is truth?\n")),
+    Case("chat-questions-no-turns", _CHAT, 'q.jsonl line 2 has no "turns"',
+         _write("q.jsonl", _QLINE + b'{"question_id": 2, "category": "c"}\n')),
+    Case("chat-questions-turns-not-strings", _CHAT,
+         'q.jsonl line 1: "turns" must be a non-empty list of non-empty '
+         "strings", _write("q.jsonl", b'{"question_id": 1, "category": "c", '
+                           b'"turns": ["a", 2]}\n')),
+    Case("chat-questions-duplicate-id", _CHAT,
+         "q.jsonl line 2 repeats question_id 1 (first on line 1)",
+         _write("q.jsonl", _QLINE * 2)),
+    Case("chat-judge-unreachable",
+         ["eval", "chat", "--judge-url", f"http://127.0.0.1:{free_port()}/v1",
+          "--judge-model", "m", "--out", "o"],
+         "cannot reach the judge at http://127.0.0.1:"),
+    Case("chat-api-key-env-unset",
+         ["eval", "chat", "--judge-url", "http://127.0.0.1:9/v1",
+          "--judge-model", "m", "--api-key-env", "DYNAMO_TEST_UNSET_KEY_VAR",
+          "--out", "o"],
+         "--api-key-env names $DYNAMO_TEST_UNSET_KEY_VAR, which is not set"),
     # --- train: config values (test_config.py checks every key in-process;
     # these go through the CLI and must not create the workdir) ---
     Case("train-lr-negative", [*_T, "optim.lr_base=-1"],

@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 
 # Subcommand modules, in the order `eval --help` lists them.
-SUBCOMMANDS = ("ppl", "harness", "completions", "judge", "table4")
+SUBCOMMANDS = ("ppl", "harness", "completions", "judge", "chat_eval",
+               "table4")
 
 
 def add_parser(subparsers):

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from dynamo_jax.errors import ConfigError, DynamoError
 from dynamo_jax.errors import show_value as _show
 
-SOURCES = ("tfds", "text", "jsonl", "tokens")
+SOURCES = ("tfds", "text", "jsonl", "tokens", "instructions")
 TOKEN_DTYPES = ("uint16", "uint32")
 
 
@@ -25,14 +25,18 @@ class DataConfig:
     source: "tfds" (a TensorFlow Datasets text dataset, read through
       `tfds.data_source`), "text" (.txt files), "jsonl" (.jsonl files, one
       JSON object per line) or "tokens" (pre-tokenized .npy / raw .bin token
-      ids, documents separated by the EOS id).
+      ids, documents separated by the EOS id) or "instructions" (Alpaca
+      records for chat fine-tuning, dynamo_jax/chat/instructions.py: loss on
+      response tokens only, whole examples per row).
     name: tfds dataset name, optionally with config and version
       ("tiny_shakespeare", "wiki40b/en:1.3.0").
     split: tfds split, slicing allowed ("train", "train[:97%]").
     field: the text field of each example (tfds) or record (jsonl).
     data_dir: tfds data directory; None for tfds's default.
     paths: files, directories (their files with the source's extension, in
-      sorted order) or glob patterns, for the file sources.
+      sorted order) or glob patterns, for the file sources; for
+      "instructions": .json / .jsonl files, tfds:NAME[:SPLIT],
+      hf:ORG/NAME[:SPLIT] or dynamo_jax:instructions (the project's set).
     one_doc_per_line: for "text": every non-empty line is a document, instead
       of every file being one.
     token_dtype: dtype of raw .bin token files ("uint16" or "uint32"); .npy
@@ -43,6 +47,10 @@ class DataConfig:
     num_epochs: passes over the data; None repeats forever.
     prefetch: batches prepared ahead in a background thread; 0 prepares
       each batch on `next`.
+    heldout_every: "instructions": records k, 2k, ... (1-based) are held out
+      for evaluation, never trained on; 0 holds none out.
+    chat_template: "instructions": a Jinja chat template file; None takes
+      the tokenizer's own, else dynamo_jax's default (chat/template.py).
   """
 
   source: str
@@ -57,6 +65,8 @@ class DataConfig:
   shuffle: bool = True
   num_epochs: int | None = None
   prefetch: int = 2
+  heldout_every: int = 0
+  chat_template: str | None = None
 
   def __post_init__(self):
     # Types first, so the checks below compare like with like.
@@ -89,6 +99,12 @@ class DataConfig:
     _check_int("eos_id", self.eos_id, minimum=0, optional=True)
     _check_int("num_epochs", self.num_epochs, minimum=1, optional=True)
     _check_int("prefetch", self.prefetch, minimum=0)
+    _check_int("heldout_every", self.heldout_every, minimum=0)
+    _check_str("chat_template", self.chat_template, optional=True)
+    if self.source != "instructions" and (self.heldout_every
+                                          or self.chat_template):
+      raise ConfigError("data.heldout_every and data.chat_template apply to "
+                        "data.source 'instructions' only.")
     if self.source == "tfds" and not self.name:
       raise ConfigError("data.source 'tfds' needs a dataset name (data.name).")
     if self.source != "tfds" and not self.paths:

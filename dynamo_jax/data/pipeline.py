@@ -40,6 +40,11 @@ def make_batches(data_cfg: DataConfig, tokenizer: Any, *, batch_size: int,
     raise DataError(f"source {data_cfg.source!r} needs a tokenizer (only "
                     "'tokens' with an explicit eos_id can go without).")
   eos_id = resolve_eos_id(tokenizer, data_cfg.eos_id)
+  if data_cfg.source == "instructions":
+    # The chat package renders and tokenizes them (it imports data, not the
+    # other way round).
+    raise DataError("source 'instructions' is read by "
+                    "dynamo_jax.chat.instructions.make_batches.")
   if data_cfg.source == "tfds":
     from dynamo_jax.data.tfds_source import TfdsSource  # tfds only when asked.
     source = TfdsSource(data_cfg)

@@ -23,19 +23,19 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from dynamo_jax.convert.hf import from_hf
-from dynamo_jax.data import make_batches
 from dynamo_jax.distributed import check_shared_dir
 from dynamo_jax.errors import ConfigError, DynamoError
 from dynamo_jax.fileio import atomic_write_text
 from dynamo_jax.model.config import PythiaConfig, preset
-from dynamo_jax.model.heads import add_heads
 from dynamo_jax.tokenizer import load_tokenizer
 from dynamo_jax.training.checkpoint import Checkpointer, with_shardings
 from dynamo_jax.training.config import TrainConfig, to_dict
 from dynamo_jax.training.metrics import MetricsWriter, last_record
 from dynamo_jax.training.optimizer import make_optimizer
 from dynamo_jax.training.sharding import batch_sharding, make_mesh
+from dynamo_jax.training.sources import (export_chat_model, exported_step,
+                                         initial_params, make_data,
+                                         tokenizer_path)
 from dynamo_jax.training.step import (init_state, make_train_step,
                                       random_params_fn, state_shardings)
 
@@ -81,24 +81,6 @@ def model_config(cfg: TrainConfig) -> PythiaConfig:
   return preset(spec.base, **spec.overrides, **extra)
 
 
-def _initial_params(cfg: TrainConfig, config: PythiaConfig):
-  """A params source for init_state: a traced init fn, or loaded weights."""
-  spec = cfg.model
-  if spec.init == "random":
-    return random_params_fn(config, cfg.seed)
-  source = spec.checkpoint or f"EleutherAI/{spec.base}"
-  base_config, params = from_hf(source, revision=spec.revision,
-                                dtype=spec.param_dtype, progress=True)
-  base_config = base_config.replace(dtype=config.dtype)
-  if base_config.replace(num_token_heads=config.num_token_heads,
-                         head_input=config.head_input) != config:
-    raise ConfigError(f"the checkpoint {source} has shapes {base_config}, not "
-                      f"those of model.base {spec.base!r}.")
-  _, params = add_heads(base_config, params, config.num_token_heads,
-                        rng=cfg.seed, init=spec.head_init)
-  return params
-
-
 def train(cfg: TrainConfig, workdir: str, *, progress: bool = True) -> dict:
   """Runs (or resumes) training until cfg.steps; returns the last metrics.
 
@@ -137,8 +119,7 @@ def _train(cfg: TrainConfig, workdir: str, progress: bool,
         f"the per-microbatch batch {cfg.global_batch_size // cfg.grad_accum} "
         f"(global_batch_size / grad_accum) is not divisible by the data axes "
         f"data x fsdp = {n_data}.")
-  tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.checkpoint
-                             or f"EleutherAI/{cfg.model.base}")
+  tokenizer = load_tokenizer(tokenizer_path(cfg))
   opt = make_optimizer(cfg.optim, cfg.steps)
   abstract, shardings = state_shardings(config, opt, mesh)
   meta = {"model": dataclasses.asdict(config), "config": to_dict(cfg)}
@@ -151,8 +132,7 @@ def _train(cfg: TrainConfig, workdir: str, progress: bool,
     # another host count, and every process resumes from the one state
     # process 0 saved. The cost is packing B x T tokens per step on each
     # host: for DynaMo-7.3B (64 x 2048 pre-tokenized ids) a 512 KiB read.
-    data = make_batches(cfg.data, tokenizer, batch_size=cfg.global_batch_size,
-                        seq_len=cfg.seq_len, seed=cfg.seed)
+    data = make_data(cfg, tokenizer)
     cleanup.callback(data.close)
     # The run starts here.
     with signals.deferred():
@@ -169,7 +149,9 @@ def _train(cfg: TrainConfig, workdir: str, progress: bool,
           check=lambda saved: _check_resumable(saved, meta, workdir))
     if restored is None:
       start = 0
-      state = init_state(_initial_params(cfg, config), opt, shardings)
+      state = init_state(initial_params(cfg, config,
+                                        random_params_fn(config, cfg.seed)),
+                         opt, shardings)
     else:
       start, state, data_state = restored
       data.set_state(data_state)
@@ -187,6 +169,10 @@ def _train(cfg: TrainConfig, workdir: str, progress: bool,
     if start == cfg.steps:
       print(f"the run in {workdir} is already at step {start} (steps="
             f"{cfg.steps}); nothing to do.", file=sys.stderr, flush=True)
+      if exported_step(workdir) != start:  # a chat run killed mid-export
+        with signals.deferred():
+          export_chat_model(cfg, config, state["params"], tokenizer, workdir,
+                            start)
       return last_record(workdir, start)
 
     writer = MetricsWriter(workdir, resume_step=start,
@@ -234,6 +220,9 @@ def _train(cfg: TrainConfig, workdir: str, progress: bool,
       bar.update()
     if pending is not None:
       last = log.finish(*pending)
+    with signals.deferred():
+      export_chat_model(cfg, config, state["params"], tokenizer, workdir,
+                        cfg.steps)
   return last
 
 

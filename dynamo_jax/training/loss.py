@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import Params, Pythia
@@ -73,3 +74,19 @@ def head_losses(config: PythiaConfig, params: Params, tokens_BxT,
                   / jnp.maximum(count, 1.0))
     counts.append(count)
   return jnp.stack(losses), jnp.stack(counts)
+
+
+def mean_head_losses(config: PythiaConfig, params: Params, batches):
+  """Mean NLL of each head over all valid targets of `batches` (each a dict
+  with "tokens", "segment_ids" and optionally "loss_mask"), float64 [N], and
+  the valid target counts [N]: `head_losses` weighted by its counts, so
+  rows and batches count by their targets, not equally."""
+  fn = jax.jit(lambda p, *rows: head_losses(config, p, *rows))
+  total_N, count_N = 0.0, 0.0
+  for batch in batches:
+    rows = (batch["tokens"], batch["segment_ids"]) + (
+        (batch["loss_mask"],) if "loss_mask" in batch else ())
+    losses_N, counts_N = (np.asarray(x, np.float64) for x in fn(params, *rows))
+    total_N = total_N + losses_N * counts_N
+    count_N = count_N + counts_N
+  return total_N / np.maximum(count_N, 1.0), count_N

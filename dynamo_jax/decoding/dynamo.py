@@ -20,7 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dynamo_jax.decoding.ar import pass_keys
+from dynamo_jax.decoding.ar import not_done, pass_keys
 from dynamo_jax.decoding.dynamo_sampler import SampleResult, dynamo_sample
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import KVCache, Params, forward_cached, init_cache
@@ -105,6 +105,76 @@ def write_rows(out_BxG, chunk_BxN, at_B):
       out_BxG, chunk_BxN, at_B)
 
 
+class DynamoState(NamedTuple):
+  """The carry of DynaMo decoding between passes (a pytree; donate it).
+
+  out_BxG: int32 [B, max_new_tokens + n], tokens emitted so far per row
+    (the first count_B valid; a row's last pass may run past
+    max_new_tokens).
+  count_B: int32 [B], tokens emitted so far per row.
+  passes: int32 [], forward passes so far (prefill included).
+  fed_BxN, fed_len_B: the last pass's tokens and m, fed to the next pass.
+  accepted_BxNp: int32 [B, max_new_tokens], m per pass (0 once a row is
+    done; columns past `passes` are 0).
+  """
+  cache: KVCache
+  out_BxG: jax.Array
+  count_B: jax.Array
+  passes: jax.Array
+  fed_BxN: jax.Array
+  fed_len_B: jax.Array
+  accepted_BxNp: jax.Array
+
+
+def dynamo_init(config: PythiaConfig, params: Params, prompt_BxP,
+                row_keys_Bx2, cooc, temperature, eps_b, repetition_penalty,
+                *, max_new_tokens: int,
+                settings: SamplerSettings) -> DynamoState:
+  """The prefill pass: feeds the prompt [B, P] into a fresh cache and emits
+  each row's first 1..n tokens with pass key 0. Pure; `generate_dynamo` is
+  this, then `dynamo_body` while `not_done`."""
+  b, p = prompt_BxP.shape
+  n = config.num_token_heads
+  cache = init_cache(config, b, p + max_new_tokens + n, all_heads=True)
+  out_BxG = jnp.zeros((b, max_new_tokens + n), jnp.int32)
+  count_B = jnp.zeros((b,), jnp.int32)
+  res, cache = decode_step(
+      config, params, cache, prompt_BxP, jnp.full((b,), p, jnp.int32),
+      pass_keys(row_keys_Bx2, 0), out_BxG, count_B, cooc,
+      temperature=temperature, eps_b=eps_b,
+      repetition_penalty=repetition_penalty, settings=settings)
+  out_BxG = write_rows(out_BxG, res.tokens_BxN, count_B)
+  accepted_BxNp = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(
+      res.m_B)
+  return DynamoState(cache=cache, out_BxG=out_BxG, count_B=res.m_B,
+                     passes=jnp.int32(1), fed_BxN=res.tokens_BxN,
+                     fed_len_B=res.m_B, accepted_BxNp=accepted_BxNp)
+
+
+def dynamo_body(config: PythiaConfig, params: Params, state: DynamoState,
+                row_keys_Bx2, cooc, temperature, eps_b, repetition_penalty,
+                *, max_new_tokens: int,
+                settings: SamplerSettings) -> DynamoState:
+  """One pass after the prefill, with pass key `state.passes`: feeds the
+  last emitted tokens and appends 1..n new ones to every row that still
+  needs tokens (done rows emit 0). Pure."""
+  res, cache = decode_step(
+      config, params, state.cache, state.fed_BxN, state.fed_len_B,
+      pass_keys(row_keys_Bx2, state.passes), state.out_BxG, state.count_B,
+      cooc, temperature=temperature, eps_b=eps_b,
+      repetition_penalty=repetition_penalty, settings=settings)
+  active_B = state.count_B < max_new_tokens
+  m_B = jnp.where(active_B, res.m_B, 0)
+  out_BxG = jnp.where(active_B[:, None],
+                      write_rows(state.out_BxG, res.tokens_BxN, state.count_B),
+                      state.out_BxG)
+  accepted_BxNp = state.accepted_BxNp.at[:, state.passes].set(m_B)
+  return DynamoState(cache=cache, out_BxG=out_BxG,
+                     count_B=state.count_B + m_B, passes=state.passes + 1,
+                     fed_BxN=res.tokens_BxN, fed_len_B=m_B,
+                     accepted_BxNp=accepted_BxNp)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens",
                                               "settings"))
 def generate_dynamo(config: PythiaConfig, params: Params, prompt_BxP,
@@ -112,39 +182,11 @@ def generate_dynamo(config: PythiaConfig, params: Params, prompt_BxP,
                     *, max_new_tokens: int, settings: SamplerSettings):
   """(tokens int32 [B, max_new_tokens], accepted int32 [B, max_new_tokens]
   (m per pass, 0 once a row is done; columns past `passes` are 0), passes)."""
-  b, p = prompt_BxP.shape
-  n = config.num_token_heads
-  cache = init_cache(config, b, p + max_new_tokens + n, all_heads=True)
-  out_BxG = jnp.zeros((b, max_new_tokens + n), jnp.int32)
-  step = functools.partial(decode_step, config, params, cooc=cooc,
-                           temperature=temperature, eps_b=eps_b,
-                           repetition_penalty=repetition_penalty,
-                           settings=settings)
-  count_B = jnp.zeros((b,), jnp.int32)
-  res, cache = step(cache, prompt_BxP, jnp.full((b,), p, jnp.int32),
-                    pass_keys(row_keys_Bx2, 0), out_BxG, count_B)
-  out_BxG = write_rows(out_BxG, res.tokens_BxN, count_B)
-  accepted_BxNp = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(
-      res.m_B)
-  carry = (cache, out_BxG, res.m_B, res.tokens_BxN, res.m_B, accepted_BxNp,
-           jnp.int32(1))
-
-  def cond(carry):
-    _, _, count_B, _, _, _, passes = carry
-    return jnp.any(count_B < max_new_tokens) & (passes < max_new_tokens)
-
-  def body(carry):
-    cache, out_BxG, count_B, fed_BxN, fed_len_B, accepted_BxNp, passes = carry
-    res, cache = step(cache, fed_BxN, fed_len_B,
-                      pass_keys(row_keys_Bx2, passes), out_BxG, count_B)
-    active_B = count_B < max_new_tokens
-    m_B = jnp.where(active_B, res.m_B, 0)
-    out_BxG = jnp.where(active_B[:, None],
-                        write_rows(out_BxG, res.tokens_BxN, count_B), out_BxG)
-    accepted_BxNp = accepted_BxNp.at[:, passes].set(m_B)
-    return (cache, out_BxG, count_B + m_B, res.tokens_BxN, m_B, accepted_BxNp,
-            passes + 1)
-
-  _, out_BxG, _, _, _, accepted_BxNp, passes = jax.lax.while_loop(
-      cond, body, carry)
-  return out_BxG[:, :max_new_tokens], accepted_BxNp, passes
+  args = (row_keys_Bx2, cooc, temperature, eps_b, repetition_penalty)
+  static = dict(max_new_tokens=max_new_tokens, settings=settings)
+  state = dynamo_init(config, params, prompt_BxP, *args, **static)
+  state = jax.lax.while_loop(
+      functools.partial(not_done, max_new_tokens=max_new_tokens),
+      lambda s: dynamo_body(config, params, s, *args, **static), state)
+  return (state.out_BxG[:, :max_new_tokens], state.accepted_BxNp,
+          state.passes)

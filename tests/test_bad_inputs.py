@@ -203,6 +203,7 @@ def _trained_run(corrupt=False):
 
 
 _T = ["train", "--config", "tiny-test", "--workdir", "W"]
+_CHAT_T = ["train", "--config", "chat-default", "--workdir", "W"]
 _CHAT = ["eval", "chat", "--questions", "q.jsonl", "--out", "o"]
 _QLINE = b'{"question_id": 1, "category": "c", "turns": ["a"]}\n'
 
@@ -397,7 +398,26 @@ CASES = [
     Case("train-data-shuffle", [*_T, "data.shuffle=yes"],
          'data.shuffle must be true or false, got "yes"'),
     Case("train-data-source", [*_T, "data.source=csv"],
-         "data.source must be one of ['tfds', 'text', 'jsonl', 'tokens']"),
+         "data.source must be one of ['tfds', 'text', 'jsonl', 'tokens', "
+         "'instructions']"),
+    # --- train: chat fine-tuning on instruction records ---
+    Case("train-chat-record-no-output", [*_CHAT_T, 'data.paths=["i.jsonl"]'],
+         "i.jsonl: record 2 (line 2): field 'output' is missing",
+         _write("i.jsonl", b'{"instruction": "a", "output": "b"}\n'
+                b'{"instruction": "Who art thou?", "input": ""}\n')),
+    Case("train-chat-empty-response", [*_CHAT_T, 'data.paths=["i.json"]'],
+         "i.json: record 3: field 'output' is empty",
+         _write("i.json", json.dumps([{"instruction": "a", "output": "b"}] * 2
+                                     + [{"instruction": "c", "output": ""}]
+                                     ).encode())),
+    Case("train-chat-template-does-not-render",
+         [*_CHAT_T, "data.chat_template=t.jinja"],
+         "the chat template does not render",
+         _write("t.jinja", b"{% for m in messages %}{{ m.content }")),
+    Case("train-chat-template-not-in-pretraining",
+         [*_T, "data.chat_template=t.jinja"],
+         "data.heldout_every and data.chat_template apply to data.source "
+         "'instructions' only"),
     # --- train: runs and resumes ---
     Case("train-data-missing", [*_T, 'data.paths=["/nonexistent"]'],
          "data file '/nonexistent' does not exist"),

@@ -180,7 +180,7 @@ def test_config_is_hashable_and_frozen():
     ("data.field=", r"data.field must be a non-empty string"),
     ("data.split=3", r"data.split must be a non-empty string"),
     ("data.source=csv", r"data.source must be one of \['tfds', 'text', "
-     r"'jsonl', 'tokens'\]"),
+     r"'jsonl', 'tokens', 'instructions'\]"),
     ("data.token_dtype=int8", r"data.token_dtype must be one of"),
     ("data.fields=x", r"unknown config keys \['data.fields'\]"),
     ("data=5", r"data must be a JSON object, got 5"),

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -207,6 +208,64 @@ def generate(config: PythiaConfig, params: Params, input_ids, *,
     the T best draft paths (decoding/tree.py; a cooc table, when given,
     weights the paths), taken from each head's top `k_tree` ids.
   """
+  prep = prepare(config, input_ids, max_new_tokens=max_new_tokens, mode=mode,
+                 greedy=greedy, temperature=temperature, eps_b=eps_b,
+                 seed=seed, cooc=cooc, kernel=kernel, k=k, alpha=alpha,
+                 use_cooc=use_cooc, blur=blur, otsu=otsu,
+                 repetition_penalty=repetition_penalty,
+                 exact_head1=exact_head1, tree=tree, k_tree=k_tree)
+  max_new = prep.max_new_tokens
+  if mode == "ar":
+    tokens = np.asarray(generate_ar(config, params, prep.prompt_BxP,
+                                    prep.row_keys_Bx2, prep.temperature,
+                                    max_new_tokens=max_new, greedy=prep.greedy))
+    return GenerateOutput(tokens=tokens,
+                          accepted=np.ones(tokens.shape, np.int32),
+                          forward_passes=max_new)
+  if mode == "dynamo":
+    tokens, accepted, passes = generate_dynamo(
+        config, params, prep.prompt_BxP, prep.row_keys_Bx2, prep.table,
+        prep.temperature, prep.eps_b, prep.repetition_penalty,
+        max_new_tokens=max_new, settings=prep.settings)
+  elif tree:
+    tokens, accepted, passes = generate_tree(
+        config, params, prep.prompt_BxP, prep.row_keys_Bx2, prep.temperature,
+        prep.table, max_new_tokens=max_new, greedy=prep.greedy,
+        paths=prep.tree, k_tree=prep.k_tree, alpha=prep.settings.alpha)
+  else:
+    tokens, accepted, passes = generate_verified(
+        config, params, prep.prompt_BxP, prep.row_keys_Bx2, prep.temperature,
+        max_new_tokens=max_new, greedy=prep.greedy)
+  passes = int(passes)
+  return GenerateOutput(tokens=np.asarray(tokens),
+                        accepted=np.asarray(accepted)[:, :passes],
+                        forward_passes=passes)
+
+
+class Prepared(NamedTuple):
+  """A checked decoding call, as the jitted decoders take its arguments."""
+  prompt_BxP: jax.Array      # int32 [B, P]
+  row_keys_Bx2: jax.Array    # uint32 [B, 2], one key per row
+  temperature: jax.Array     # float32 [] (1 when greedy: unused)
+  eps_b: jax.Array           # float32 []
+  repetition_penalty: jax.Array  # float32 []
+  table: Any                 # cooc's device view (or test double), or None
+  settings: SamplerSettings  # DynaMo's switches (alpha also weights trees)
+  max_new_tokens: int
+  greedy: bool
+  tree: int
+  k_tree: int
+
+
+def prepare(config: PythiaConfig, input_ids, *, max_new_tokens: int,
+            mode: str = "ar", greedy: bool = False, temperature: float = 0.7,
+            eps_b: float = 0.5, seed: int | Sequence[int] = 0, cooc=None,
+            kernel: str = "reference", k: int = 50, alpha: float = 1.0,
+            use_cooc: bool = True, blur: bool = True, otsu: bool = True,
+            repetition_penalty: float = 1.1, exact_head1: bool = True,
+            tree: int = 0, k_tree: int = 8) -> Prepared:
+  """`generate`'s checks and argument conversion (InputError on bad input),
+  for callers that run the decoders themselves (dynamo_jax/chat/stream.py)."""
   flags = dict(greedy=greedy, use_cooc=use_cooc, blur=blur, otsu=otsu,
                exact_head1=exact_head1)
   _check(config, mode, max_new_tokens, greedy, temperature, eps_b, k, cooc,
@@ -222,38 +281,16 @@ def generate(config: PythiaConfig, params: Params, input_ids, *,
         f"look-ahead) exceeds max_position_embeddings="
         f"{config.max_position_embeddings}; shorten the prompt or ask for "
         "fewer tokens.")
-  keys = row_keys(seeds, b)
-  temp = jnp.float32(temperature if not greedy else 1.0)
-  max_new = int(max_new_tokens)
-  if mode == "ar":
-    tokens = np.asarray(generate_ar(config, params, prompt, keys, temp,
-                                    max_new_tokens=max_new, greedy=bool(greedy)))
-    return GenerateOutput(tokens=tokens,
-                          accepted=np.ones(tokens.shape, np.int32),
-                          forward_passes=max_new)
-  if mode == "dynamo":
-    settings = SamplerSettings(k=int(k), alpha=float(alpha),
-                               use_cooc=bool(use_cooc), blur=bool(blur),
-                               otsu=bool(otsu), greedy=bool(greedy),
-                               kernel=kernel, exact_head1=bool(exact_head1))
-    table = (lookup.device_table(cooc) if isinstance(cooc, CoocTable)
-             else cooc)
-    tokens, accepted, passes = generate_dynamo(
-        config, params, prompt, keys, table, temp, jnp.float32(eps_b),
-        jnp.float32(repetition_penalty), max_new_tokens=max_new,
-        settings=settings)
-  elif tree:
-    table = (lookup.device_table(cooc) if isinstance(cooc, CoocTable)
-             else cooc)
-    tokens, accepted, passes = generate_tree(
-        config, params, prompt, keys, temp, table, max_new_tokens=max_new,
-        greedy=bool(greedy), paths=int(tree), k_tree=int(k_tree),
-        alpha=float(alpha))
-  else:
-    tokens, accepted, passes = generate_verified(
-        config, params, prompt, keys, temp, max_new_tokens=max_new,
-        greedy=bool(greedy))
-  passes = int(passes)
-  return GenerateOutput(tokens=np.asarray(tokens),
-                        accepted=np.asarray(accepted)[:, :passes],
-                        forward_passes=passes)
+  settings = SamplerSettings(k=int(k), alpha=float(alpha),
+                             use_cooc=bool(use_cooc), blur=bool(blur),
+                             otsu=bool(otsu), greedy=bool(greedy),
+                             kernel=kernel, exact_head1=bool(exact_head1))
+  table = (lookup.device_table(cooc) if isinstance(cooc, CoocTable)
+           else cooc)
+  return Prepared(prompt_BxP=prompt, row_keys_Bx2=row_keys(seeds, b),
+                  temperature=jnp.float32(temperature if not greedy else 1.0),
+                  eps_b=jnp.float32(eps_b),
+                  repetition_penalty=jnp.float32(repetition_penalty),
+                  table=table, settings=settings,
+                  max_new_tokens=int(max_new_tokens), greedy=bool(greedy),
+                  tree=int(tree), k_tree=int(k_tree))

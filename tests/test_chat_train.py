@@ -204,10 +204,12 @@ def _heldout(model, cfg):
 
 
 def test_finetune_embedded_model_lowers_heldout_response_loss(tmp_path):
-  # A short chat-default run (8 rows x 128 tokens, 12 steps); measured on a
-  # busy 2-core CPU: head 1 5.97 -> ~4.6 nats, heads 2-3 also lower.
-  cfg = load_config("chat-default", ["steps=12", "seq_len=128",
-                                     "global_batch_size=8", "ckpt_every=12",
+  # A short chat-default run: 8 steps of 8 rows x 96 tokens (~50 s on a
+  # busy 2-core CPU). Measured held-out response NLL, heads 1 / 2 / 3:
+  # 5.971 / 6.970 / 7.103 -> 5.262 / 6.553 / 6.728 nats. Asserted: head 1
+  # lower by more than 0.3 nats (measured 0.71), every head lower.
+  cfg = load_config("chat-default", ["steps=8", "seq_len=96",
+                                     "global_batch_size=8", "ckpt_every=8",
                                      "data.prefetch=0"])
   before, counts = _heldout(dynamo_jax.load(), cfg)
   assert counts[0] > 300  # the 34 held-out answers' tokens
@@ -217,5 +219,5 @@ def test_finetune_embedded_model_lowers_heldout_response_loss(tmp_path):
   assert tuned.tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
   after, counts_after = _heldout(tuned, cfg)
   np.testing.assert_array_equal(counts, counts_after)
-  assert after[0] < before[0] - 0.5, (before, after)
+  assert after[0] < before[0] - 0.3, (before, after)
   assert np.all(after < before), (before, after)

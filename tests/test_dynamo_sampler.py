@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dynamo_jax import cooc
 from dynamo_jax.decoding import sampler_topk
 from dynamo_jax.decoding.dynamo_sampler import STATIC_ARGNAMES, dynamo_sample
 from dynamo_jax.decoding.sampling import sample_tokens
@@ -359,3 +360,26 @@ def _call(**overrides):
 def test_bad_arguments_raise_input_error(overrides, message):
   with pytest.raises(InputError, match=message):
     _call(**overrides)
+
+
+@pytest.mark.parametrize("valid_first", [0, 1, 3, 5, 8])
+def test_table_lookup_every_branch_matches_numpy(valid_first):
+  """The last trie level probes only parents with children, gathered into
+  the smallest branch (lax.switch) that holds them; the number of valid
+  first-head ids sets how many there are. Every branch, and the one walk
+  for all orders the sampler uses, must give the numpy reference."""
+  gen = np.random.default_rng(7)
+  p = 1.0 / np.arange(1, 31)
+  docs = [gen.choice(30, gen.integers(1, 400), p=p / p.sum())
+          for _ in range(40)]
+  table = cooc.count_ngrams(docs, 30, 3, min_count=2)
+  ids = gen.integers(0, 30, (2, 3, 8)).astype(np.int32)
+  ids[:, 0, valid_first:] = 99  # out of the vocabulary: no children
+  got = jax.jit(lambda t, x: t.grid_weights_orders(x, 1.0))(
+      cooc.device_table(table), jnp.asarray(ids))
+  for m, weights in zip((2, 3), got):
+    want = cooc.grid_weights_numpy(table, ids[:, :m])
+    np.testing.assert_allclose(weights, want, rtol=1e-6, atol=0)
+    assert np.array_equal(np.asarray(weights) == 0, want == 0)
+    np.testing.assert_array_equal(
+        weights, cooc.grid_weights(cooc.to_device(table), ids[:, :m]))

@@ -25,6 +25,7 @@ from dynamo_jax.decoding import dynamo_sampler
 from dynamo_jax.errors import InputError
 from dynamo_jax.kernels import dynamo_grid
 from dynamo_jax.kernels import threshold_and_draw
+from dynamo_jax.ops import grid
 from tests import sampler_reference
 
 PROB_TOL = 1e-5
@@ -338,3 +339,48 @@ def test_generate_pallas_equals_reference():
   np.testing.assert_array_equal(outs[0].accepted, outs[1].accepted)
   assert outs[0].forward_passes == outs[1].forward_passes
   assert outs[0].accepted.max() > 1  # tuples were drawn, not only AR
+
+
+@pytest.mark.parametrize("hot_rows", [0, 100, 256, 257, 700, 1024, 1025, 2500])
+def test_sparse_histogram_branches_count_exactly(hot_rows, monkeypatch):
+  """ops.grid.bin_counts scatters only rows holding a bin > 0, into the
+  branch (lax.switch) whose capacity fits them; every branch must give
+  np.bincount's counts, and Otsu's mask on a K=50, M=3 grid the one of
+  the dense scatter over every entry."""
+  rng = np.random.RandomState(hot_rows)
+  bins = np.zeros((2, 2500, 50), np.int32)
+  for b, rows in enumerate((hot_rows, 2500 - hot_rows)):
+    hot = rng.permutation(2500)[:rows]
+    bins[b, hot] = rng.randint(0, 256, (rows, 50)) * (rng.rand(rows, 50) < 0.3)
+    bins[b, hot, rng.randint(0, 50, rows)] = rng.randint(1, 256, rows)
+  got = grid.bin_counts(jnp.asarray(bins.reshape(2, 50, 50, 50)))
+  want = [np.bincount(row.ravel(), minlength=256) for row in bins]
+  np.testing.assert_array_equal(got, np.stack(want))
+  score = (bins[:1] * rng.rand(1, 2500, 50) ** 8).reshape(1, 50, 50, 50)
+  keep = grid.otsu_keep(jnp.asarray(score, jnp.float32))
+  monkeypatch.setattr(grid, "HOT_ROW_TIERS", ())
+  np.testing.assert_array_equal(
+      keep, grid.otsu_keep(jnp.asarray(score, jnp.float32)))
+  assert 0 < np.sum(keep) < keep.size or hot_rows == 0
+
+
+def test_reference_skips_grids_without_a_candidate_exactly():
+  """grid_threshold_draw_reference skips blur, Otsu and the draw when no
+  entry reaches eps_b; its outputs must equal the full computation's."""
+  rng = np.random.RandomState(10)
+  _, probs, seen = _marginals(rng, 4, 3, 8)
+  weights = _weights(rng, 4, 3, 8)[1]
+  div = jnp.where(seen, 1.1, 1.0)
+  u = jnp.asarray(rng.rand(4), jnp.float32)
+  for eps_b in (0.0, 0.05, 0.3, 0.9, 1.0):
+    eps = jnp.float32(eps_b)
+    for greedy in (False, True):
+      got = grid.grid_threshold_draw_reference(probs, weights, div, u, eps,
+                                               greedy=greedy)
+      final = grid.threshold_grid(
+          grid.joint_grid(probs, weights), grid.outer_product(div), eps,
+          blur=True, otsu=True)
+      want = grid.draw_index(final, u, k=8, greedy=greedy) + (
+          jnp.max(final, axis=1),)
+      for x, y in zip(got, want):
+        np.testing.assert_array_equal(x, y)

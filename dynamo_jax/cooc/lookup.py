@@ -16,7 +16,8 @@ Shapes (letters as in tensor names):
 `to_device(table)` turns a CoocTable into a pytree of jnp arrays (a trie of
 cuckoo hash tables, see hashtrie.py, holding each n-gram's ratio
 p(x_1..x_m) / prod_i p(x_i), computed in float64) to pass into jitted code;
-`grid_weights` reads it with two probes (cuckoo slots) per grid entry and level.
+`grid_weights` reads it with two probes (cuckoo slots) per grid entry and level
+(`grid_weights_orders`: every order's grid in one walk).
 `DeviceTable` wraps those arrays with a `grid_weights(ids, alpha)` method;
 `device_table(table)` builds it once per table object and caches it.
 `grid_weights_numpy` is the reference: binary search over the table's sorted
@@ -92,6 +93,11 @@ class DeviceTable:
     """float32 [B, K, ..., K]; see `grid_weights`."""
     return grid_weights(self.arrays, topk_ids_BxMxK, alpha)
 
+  def grid_weights_orders(self, topk_ids_BxNxK: jax.Array,
+                          alpha=1.0) -> list:
+    """Orders 2..N's weights in one walk; see `grid_weights_orders`."""
+    return grid_weights_orders(self.arrays, topk_ids_BxNxK, alpha)
+
   def tree_flatten(self):
     return (self.arrays,), None
 
@@ -127,6 +133,88 @@ def _num_orders(table_arrays: dict) -> int:
   return m
 
 
+# Capacities, as fractions of the parents, of the branches of the last
+# level's lookup; see _last_level_sparse.
+PARENT_TIERS = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4)
+
+
+def _col(rows_ZxC, slot, c):
+  """Column c of the rows at `slot`. Scalar gathers of single columns fuse
+  into one loop with the selects; a slot's columns share a cache line, so
+  only column 0 misses. Every slot lies inside its parent's block, so the
+  gathers skip jnp's negative-index wrap and clamp."""
+  return rows_ZxC.at[slot, c].get(mode="promise_in_bounds")
+
+
+def _slots(off_R, mask_R, batch_R, tokens, i):
+  """Both cuckoo slots int32 [R, K] of each parent's K children (head i's
+  top-k ids of the parent's batch row: batch_R int32 [R], or None when the
+  R parents are the batch's P = R / B each in order), and those ids'
+  queries [R, K]."""
+  ha_BxMxK, hb_BxMxK, query_BxMxK = tokens
+  b, _, k = ha_BxMxK.shape
+  if batch_R is None:  # R = B * P parents, batch-major
+    r = off_R.shape[0]
+    per_parent = lambda x_BxMxK: jnp.broadcast_to(
+        x_BxMxK[:, None, i], (b, r // b, k)).reshape(r, k)
+  else:
+    per_parent = lambda x_BxMxK: x_BxMxK[:, i][batch_R]
+  mask_Rx1 = mask_R.astype(jnp.uint32)[:, None]
+  local_a_RxK = per_parent(ha_BxMxK) & mask_Rx1
+  local_b_RxK = local_a_RxK ^ (((per_parent(hb_BxMxK) & mask_Rx1) | 1)
+                               & mask_Rx1)
+  return (off_R[:, None] + local_a_RxK.astype(jnp.int32),
+          off_R[:, None] + local_b_RxK.astype(jnp.int32),
+          per_parent(query_BxMxK))
+
+
+def _find(rows_ZxC, off_R, mask_R, batch_R, tokens, i):
+  """int32 [R, K]: the slot holding each child, the sentinel 0 if none."""
+  slot_a, slot_b, query = _slots(off_R, mask_R, batch_R, tokens, i)
+  return jnp.where(_col(rows_ZxC, slot_a, 0) == query, slot_a,
+                   jnp.where(_col(rows_ZxC, slot_b, 0) == query, slot_b, 0))
+
+
+def _values(rows_ZxC, off_R, mask_R, batch_R, tokens, i):
+  """int32 [R, K]: each child's value bits, 0 if absent. Both candidates'
+  values are read without waiting for the token compare (4 independent
+  loads per entry, ~15% faster than a dependent third load)."""
+  slot_a, slot_b, query = _slots(off_R, mask_R, batch_R, tokens, i)
+  return jnp.where(_col(rows_ZxC, slot_a, 0) == query, _col(rows_ZxC, slot_a, 1),
+                   jnp.where(_col(rows_ZxC, slot_b, 0) == query,
+                             _col(rows_ZxC, slot_b, 1), 0))
+
+
+def _last_level_sparse(rows_ZxC, off_R, mask_R, tokens, b, i):
+  """`_values` of the last level, int32 [R, K], probing only the parents
+  that have children (off != 0; the others' children all miss). Of the
+  K^2 = 2500 bigram prefixes of a T3 grid only ~1/3 have any (the embedded
+  model's table), so their R' rows are gathered into the first of
+  PARENT_TIERS' buffers that holds them (lax.switch; all parents when none
+  does), probed, and put back in place; the bits are those of probing all."""
+  r = off_R.shape[0]
+  has_R = off_R != 0
+  count = jnp.sum(has_R.astype(jnp.int32))
+  rank_R = jnp.cumsum(has_R.astype(jnp.int32)) - 1
+
+  def dense(_):
+    return _values(rows_ZxC, off_R, mask_R, None, tokens, i)
+
+  def sparse(cap):
+    def run(_):
+      idx_C = jnp.nonzero(has_R, size=cap, fill_value=0)[0].astype(jnp.int32)
+      batch_C = None if b == 1 else idx_C // (r // b)
+      bits_CxK = _values(rows_ZxC, off_R[idx_C], mask_R[idx_C], batch_C,
+                         tokens, i)
+      return jnp.where(has_R[:, None], bits_CxK[jnp.clip(rank_R, 0, cap - 1)],
+                       0)
+    return run
+
+  caps = sorted({int(r * f) for f in PARENT_TIERS if 0 < int(r * f) < r})
+  tier = sum((count > cap).astype(jnp.int32) for cap in caps)
+  return jax.lax.switch(tier, [sparse(cap) for cap in caps] + [dense], None)
+
+
 def grid_weights(table_arrays: dict, topk_ids_BxMxK: jax.Array,
                  alpha=1.0) -> jax.Array:
   """float32 [B, K, ..., K]: co-occurrence weights of the top-k grid.
@@ -134,13 +222,24 @@ def grid_weights(table_arrays: dict, topk_ids_BxMxK: jax.Array,
   Jit-friendly; M and K come from the static shape of topk_ids_BxMxK.
   `alpha` may be traced; a Python 1 or 1.0 skips the power.
   """
-  b, m_heads, k = topk_ids_BxMxK.shape
+  return grid_weights_orders(table_arrays, topk_ids_BxMxK, alpha,
+                             orders=(topk_ids_BxMxK.shape[1],))[0]
+
+
+def grid_weights_orders(table_arrays: dict, topk_ids_BxNxK: jax.Array,
+                        alpha=1.0, orders=None) -> list:
+  """[`grid_weights(table_arrays, topk_ids_BxNxK[:, :m], alpha)` for m in
+  `orders`] (default 2..N), the same bits, from one walk down the trie: the
+  order-m grid's weights are the values of the slots the walk to level N
+  finds at level m anyway."""
+  b, m_heads, k = topk_ids_BxNxK.shape
+  orders = tuple(range(2, m_heads + 1)) if orders is None else tuple(orders)
   if not 2 <= m_heads <= _num_orders(table_arrays):
     raise InputError(f"grid_weights needs 2 <= M <= "
                      f"{_num_orders(table_arrays)} (the orders on device), "
                      f"got M = {m_heads}.")
   root_off_V = table_arrays["root_off"]
-  ids_BxMxK = topk_ids_BxMxK.astype(jnp.int32)
+  ids_BxMxK = topk_ids_BxNxK.astype(jnp.int32)
   valid_BxMxK = (ids_BxMxK >= 0) & (ids_BxMxK < root_off_V.shape[0])
   safe_BxMxK = jnp.where(valid_BxMxK, ids_BxMxK, 0)
   # Stored tokens are >= -1, so -2 matches nothing: out-of-range ids miss.
@@ -159,46 +258,29 @@ def grid_weights(table_arrays: dict, topk_ids_BxMxK: jax.Array,
   first_B, valid_B = safe_BxMxK[:, 0], valid_BxMxK[:, 0]
   off_R = jnp.where(valid_B, root_off_V[first_B], 0).reshape(-1)
   mask_R = jnp.where(valid_B, table_arrays["root_mask"][first_B], 0).reshape(-1)
-  for m in range(2, m_heads + 1):
+  tokens = (ha_BxMxK, hb_BxMxK, query_BxMxK)
+  bits = {}
+  for m in range(2, m_heads):
     rows_ZxC = table_arrays[f"order_{m}"]
-    r = off_R.shape[0]
-
-    def per_parent(x_BxMxK, i=m - 1, r=r):
-      return jnp.broadcast_to(x_BxMxK[:, None, i], (b, r // b, k)).reshape(r, k)
-
-    mask_Rx1 = mask_R.astype(jnp.uint32)[:, None]
-    local_a_RxK = per_parent(ha_BxMxK) & mask_Rx1
-    local_b_RxK = local_a_RxK ^ (((per_parent(hb_BxMxK) & mask_Rx1) | 1)
-                                 & mask_Rx1)
-    slot_a_RxK = off_R[:, None] + local_a_RxK.astype(jnp.int32)
-    slot_b_RxK = off_R[:, None] + local_b_RxK.astype(jnp.int32)
-    query_RxK = per_parent(query_BxMxK)
-    # Scalar gathers of single columns fuse into one loop with the selects;
-    # a slot's columns share a cache line, so only column 0 misses.
-    # Every slot lies inside its parent's block, so the gathers skip jnp's
-    # negative-index wrap and clamp.
-    col = lambda slot, c, rows=rows_ZxC: rows.at[slot, c].get(
-        mode="promise_in_bounds")
-    hit_a_RxK = col(slot_a_RxK, 0) == query_RxK
-    hit_b_RxK = col(slot_b_RxK, 0) == query_RxK
-    if m < m_heads:
-      slot_RxK = jnp.where(hit_a_RxK, slot_a_RxK,
-                           jnp.where(hit_b_RxK, slot_b_RxK, 0))
-      off_R = col(slot_RxK, 2).reshape(-1)
-      mask_R = col(slot_RxK, 3).reshape(-1)
-  # Last level: both candidates' values are read without waiting for the
-  # token compare (4 independent loads per entry, ~15% faster than a
-  # dependent third load); a miss gives 0.
-  bits_RxK = jnp.where(hit_a_RxK, col(slot_a_RxK, 1),
-                       jnp.where(hit_b_RxK, col(slot_b_RxK, 1), 0))
-  ratio_RxK = jax.lax.bitcast_convert_type(bits_RxK, jnp.float32)
-  if isinstance(alpha, (int, float)) and alpha == 1:
-    weights_RxK = ratio_RxK
+    slot_RxK = _find(rows_ZxC, off_R, mask_R, None, tokens, m - 1)
+    # The sentinel's value is 0.0, so a miss reads 0 as `_values` gives.
+    bits[m] = _col(rows_ZxC, slot_RxK, 1)
+    off_R = _col(rows_ZxC, slot_RxK, 2).reshape(-1)
+    mask_R = _col(rows_ZxC, slot_RxK, 3).reshape(-1)
+  rows_ZxC = table_arrays[f"order_{m_heads}"]
+  if m_heads == 2:
+    bits[2] = _values(rows_ZxC, off_R, mask_R, None, tokens, 1)
   else:
-    weights_RxK = jnp.where(
-        ratio_RxK > 0, jnp.power(ratio_RxK, jnp.asarray(alpha, jnp.float32)),
-        0.0)
-  return weights_RxK.reshape((b,) + (k,) * m_heads)
+    bits[m_heads] = _last_level_sparse(rows_ZxC, off_R, mask_R, tokens, b,
+                                       m_heads - 1)
+  out = []
+  for m in orders:
+    ratio = jax.lax.bitcast_convert_type(bits[m], jnp.float32)
+    if not (isinstance(alpha, (int, float)) and alpha == 1):
+      ratio = jnp.where(ratio > 0,
+                        jnp.power(ratio, jnp.asarray(alpha, jnp.float32)), 0.0)
+    out.append(ratio.reshape((b,) + (k,) * m))
+  return out
 
 
 def grid_weights_numpy(table: CoocTable, topk_ids_BxMxK: np.ndarray,

@@ -70,7 +70,11 @@ class CoocWeights(Protocol):
     """float32 [B, K, ..., K] (M trailing axes): entry (i_1..i_M) is
     (p(x_1..x_M) / prod_j p(x_j)) ** alpha for x_j = topk_ids[b, j, i_j],
     exactly 0 for n-grams absent from the table. Must trace under jit;
-    alpha arrives as a Python float."""
+    alpha arrives as a Python float.
+
+    A table may also have `grid_weights_orders(topk_ids_BxNxK, alpha)`:
+    the list of orders 2..N's weights, each equal to grid_weights'
+    (DeviceTable's walks its trie once for all orders)."""
 
 
 class SampleResult(NamedTuple):
@@ -175,17 +179,17 @@ def order_weights(ids_BxNxK, cooc, *, n, k, alpha, use_cooc):
   """Co-occurrence weights of orders m = 2..n: float32 [B, K, ..., K] (m
   axes) each, or None each without a table."""
   b = ids_BxNxK.shape[0]
-  out = []
-  for m in range(2, n + 1):
-    weights = None
-    if use_cooc and cooc is not None:
-      weights = cooc.grid_weights(ids_BxNxK[:, :m], alpha)
-      if weights.shape != (b,) + (k,) * m:
-        raise InputError(f"cooc.grid_weights returned shape {weights.shape},"
-                         f" expected {(b,) + (k,) * m}.")
-      weights = weights.astype(jnp.float32)
-    out.append(weights)
-  return out
+  if not (use_cooc and cooc is not None):
+    return [None] * (n - 1)
+  if n >= 2 and hasattr(cooc, "grid_weights_orders"):
+    out = list(cooc.grid_weights_orders(ids_BxNxK[:, :n], alpha))
+  else:
+    out = [cooc.grid_weights(ids_BxNxK[:, :m], alpha) for m in range(2, n + 1)]
+  for m, weights in zip(range(2, n + 1), out):
+    if weights.shape != (b,) + (k,) * m:
+      raise InputError(f"cooc.grid_weights returned shape {weights.shape},"
+                       f" expected {(b,) + (k,) * m}.")
+  return [weights.astype(jnp.float32) for weights in out]
 
 
 def add_order1(keys, logits_BxNxV, temperature, draws, *, greedy, per_row):

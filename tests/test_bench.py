@@ -13,6 +13,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 import dynamo_jax
 from dynamo_jax import cooc
@@ -43,11 +44,16 @@ def test_bench_report_and_sweep(tmp_path):
                            sweep=(0.0, 1.0), sweep_out=str(tmp_path),
                            sweep_without_table=True)
   json.dumps(report)  # JSON-able
-  for mode in ("dynamo", "verified"):
+  for mode in ("dynamo", "verified", "tree"):
     r = report[mode]
     assert 1.0 <= r["tokens_per_pass"] <= 3.0
     assert r["seconds"] > 0 and r["speedup_vs_ar"] > 0
     assert 0 < r["distinct_2_ratio"] and 0 < r["nll_ratio"]
+    # speed-up = tokens per pass / pass price, on the timed calls
+    assert r["speedup_vs_ar"] == pytest.approx(
+        r["timed_tokens_per_pass"] / r["pass_price"])
+  assert [row["mode"] for row in report["summary"]] == [
+      "ar", "dynamo eps_b=0.5", "verified chain", "verified tree (8 paths)"]
   # Verified sampling keeps AR's distribution, not its exact tokens; greedy
   # identity is tested in test_decoding.py.
   split = report["step_split"]
@@ -64,3 +70,20 @@ def test_bench_report_and_sweep(tmp_path):
   with open(tmp_path / "eps_b_sweep.json") as fh:
     assert len(json.load(fh)["sweep"]) == 4
   assert os.path.getsize(tmp_path / "eps_b_sweep.png") > 0
+
+
+def test_timed_modes_counts_passes_exactly():
+  """AR and DynaMo at eps_b = 1 make one pass per token (the prefill
+  included); DynaMo at eps_b = 0 without a table three tokens per pass."""
+  from dynamo_jax.evaluation import prices
+  model, stream = _model()
+  prompts = bench.prompts_from_stream(stream, EOS, 2, 8)
+  out = prices.timed_modes(
+      model.config, model.params, prompts,
+      {"eps1": dict(mode="dynamo", eps_b=1.0, cooc=model.cooc),
+       "eps0": dict(mode="dynamo", eps_b=0.0)}, new_tokens=9, repeats=1)
+  assert out["ar"]["passes"] == out["eps1"]["passes"] == 2 * 9
+  assert out["ar"]["pass_price"] == 1.0
+  assert out["eps0"]["passes"] == 2 * 3 and out["eps0"]["tokens_per_pass"] == 3
+  for row in out.values():
+    assert row["seconds_range"][0] <= row["seconds"] <= row["seconds_range"][1]

@@ -1,12 +1,20 @@
 """`python -m dynamo_jax bench`: AR vs DynaMo decoding on one model.
 
 On prompts from a held-out token stream, with the same temperature and the
-same per-row seeds for every mode (sampling, never greedy), it reports:
-- tokens per forward pass (DynaMo, verified; AR is 1 by definition);
-- wall-clock speed-up over plain AR (`mode="ar"`: head 1 only, no head
-  layers run) at batch 1, median of `repeats` runs per prompt, compile
-  excluded; also over DynaMo's own code at eps_b = 1, which emits AR's exact
-  tokens through the DynaMo step (same program, one token per pass);
+same per-row seeds for every mode (sampling, never greedy), for each mode
+(AR; DynaMo at eps_b; verified with one draft chain; verified with a tree of
+`tree` draft paths) it reports (`summary` has one row per mode):
+- tokens per forward pass (AR is 1 by definition);
+- pass price: wall-clock per pass over AR's (evaluation/prices.py), and the
+  wall-clock speed-up over plain AR (`mode="ar"`: head 1 only, no head
+  layers run) at batch 1: all modes timed in one process, calls
+  interleaved, medians of `repeats` with their ranges, compile excluded;
+  also DynaMo's own code at eps_b = 1, which emits AR's exact tokens through
+  the DynaMo step (one token per pass: its time over AR's is DynaMo's pass
+  price at one token per pass);
+- with `project_shape`, labelled as a projection: the speed-up these tokens
+  per pass would give at a suite shape, from pass prices measured on random
+  weights of that shape on this device;
 - the base model's (head 1's) per-token NLL of DynaMo's continuations over
   AR's, and the distinct-2 ratio (unique bigrams / all bigrams per
   continuation, averaged over rows) of DynaMo's over AR's;
@@ -29,7 +37,7 @@ import numpy as np
 
 from dynamo_jax.decoding.dynamo import SamplerSettings
 from dynamo_jax.decoding.generate import generate
-from dynamo_jax.evaluation import timing
+from dynamo_jax.evaluation import prices, timing
 from dynamo_jax.evaluation.perplexity import split_documents
 from dynamo_jax.evaluation.quality import continuation_nll, mean_distinct_n
 
@@ -61,6 +69,11 @@ def _load(model_dir_or_loaded):
   return model_dir_or_loaded
 
 
+def _table(weights, kw):
+  """The table where a mode uses one: DynaMo's sampler and tree proposals."""
+  return weights if kw.get("mode") == "dynamo" or kw.get("tree") else None
+
+
 def quality(model, weights, prompts, seeds, new_tokens, temperature, **kw):
   """Tokens per pass, head 1's mean NLL of the continuations and their
   distinct-2, from one batched `generate` of prompts x seeds rows (row
@@ -71,7 +84,7 @@ def quality(model, weights, prompts, seeds, new_tokens, temperature, **kw):
   row_seeds = [s * len(prompts) + i for s in seeds for i in range(len(prompts))]
   out = generate(model.config, model.params, rows, max_new_tokens=new_tokens,
                  temperature=temperature, seed=row_seeds,
-                 cooc=weights if kw.get("mode") == "dynamo" else None, **kw)
+                 cooc=_table(weights, kw), **kw)
   nll = continuation_nll(model.config, model.params, rows, out.tokens)
   return {"tokens_per_pass": out.tokens_per_pass, "nll": float(nll.mean()),
           "distinct_2": mean_distinct_n(out.tokens, 2)}
@@ -84,8 +97,7 @@ def _seconds(model, weights, prompts, new_tokens, temperature, repeats, **kw):
     def call(prompt=prompt, i=i):
       return generate(model.config, model.params, prompt[None],
                       max_new_tokens=new_tokens, temperature=temperature,
-                      seed=[i], cooc=weights if kw.get("mode") == "dynamo"
-                      else None, **kw)
+                      seed=[i], cooc=_table(weights, kw), **kw)
     total += timing.median_seconds(call, repeats)
     tpp.append(call().tokens_per_pass)
   return total, float(np.mean(tpp))
@@ -114,13 +126,14 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
               seeds: Sequence[int] = (0, 1, 2), timing_prompts: int = 4,
               repeats: int = 5, k: int = 50, use_cooc: bool = True,
               sweep: Sequence[float] = (), sweep_out: str | None = None,
-              sweep_without_table: bool = False) -> dict:
-  """AR vs DynaMo (and verified) on `prompts` (int [B, P]); see the module
-  docstring for what is measured. `model_dir_or_loaded` is a checkpoint
-  directory or a `dynamo_jax.Model`. With `sweep_without_table` (and a
-  table in use) the eps_b sweep runs twice, with and without the
-  co-occurrence weighting (the paper's CO ablation), each row saying which
-  in "cooc". Returns one JSON-able dict."""
+              sweep_without_table: bool = False, tree: int = 8,
+              k_tree: int = 8, project_shape: str | None = None) -> dict:
+  """AR vs DynaMo, verified chain and verified tree on `prompts` (int [B,
+  P]); see the module docstring for what is measured. `model_dir_or_loaded`
+  is a checkpoint directory or a `dynamo_jax.Model`. With
+  `sweep_without_table` (and a table in use) the eps_b sweep runs twice,
+  with and without the co-occurrence weighting (the paper's CO ablation),
+  each row saying which in "cooc". Returns one JSON-able dict."""
   model = _load(model_dir_or_loaded)
   prompts = np.asarray(prompts, np.int32)
   n = model.config.num_token_heads
@@ -129,11 +142,15 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
   args = dict(seeds=list(seeds), new_tokens=new_tokens, temperature=temperature,
               timing_prompts=timing_prompts, repeats=repeats)
   dyn = dict(mode="dynamo", k=k)
+  modes = {"dynamo": dict(dyn, eps_b=eps_b), "dynamo_eps1": dict(dyn, eps_b=1.0),
+           "verified": dict(mode="verified"),
+           "tree": dict(mode="verified", tree=tree, k_tree=k_tree)}
+  speed = prices.timed_modes(
+      model.config, model.params, prompts[:timing_prompts],
+      {name: dict(kw, cooc=_table(weights, kw)) for name, kw in modes.items()},
+      new_tokens=new_tokens, repeats=repeats, temperature=temperature)
   ar = quality(model, None, prompts, seeds, new_tokens, temperature, mode="ar")
-  ar_seconds, _ = _seconds(model, None, prompts[:timing_prompts], new_tokens,
-                           temperature, repeats, mode="ar")
-  eps1_seconds, _ = _seconds(model, weights, prompts[:timing_prompts],
-                             new_tokens, temperature, repeats, eps_b=1.0, **dyn)
+  ar_seconds = speed["ar"]["seconds"]
   report = {
       "device": jax.devices()[0].device_kind,
       "model": {"num_token_heads": n, "hidden_size": model.config.hidden_size,
@@ -142,18 +159,36 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
                 "cooc": weights is not None},
       "setup": {**args, "prompts": int(prompts.shape[0]),
                 "prompt_len": int(prompts.shape[1]), "eps_b": eps_b, "k": k,
-                "sampling": True},
+                "tree": tree, "k_tree": k_tree, "sampling": True},
       "ar": {**ar, "seconds": ar_seconds,
+             "seconds_range": speed["ar"]["seconds_range"],
+             "per_pass_ms": speed["ar"]["per_pass_ms"],
              "tokens_per_second": timing_prompts * new_tokens / ar_seconds},
-      "dynamo_eps1_seconds": eps1_seconds,
+      "dynamo_eps1_seconds": speed["dynamo_eps1"]["seconds"],
+      "dynamo_eps1_pass_price": speed["dynamo_eps1"]["pass_price"],
   }
-  report["dynamo"] = _mode_report(model, weights, prompts, args, ar,
-                                  ar_seconds, eps_b=eps_b, **dyn)
+  for name in ("dynamo", "verified", "tree"):
+    q = quality(model, weights, prompts, seeds, new_tokens, temperature,
+                **modes[name])
+    t = speed[name]
+    report[name] = {**q, "nll_ratio": q["nll"] / ar["nll"],
+                    "distinct_2_ratio": q["distinct_2"] / ar["distinct_2"],
+                    **{key: t[key] for key in (
+                        "seconds", "seconds_range", "speedup_vs_ar",
+                        "pass_price", "per_pass_ms")},
+                    "timed_tokens_per_pass": t["tokens_per_pass"]}
   report["dynamo"]["speedup_vs_dynamo_eps1"] = (
-      eps1_seconds / report["dynamo"]["seconds"])
+      report["dynamo_eps1_seconds"] / report["dynamo"]["seconds"])
   report["dynamo"]["meets_targets"] = _meets(report["dynamo"])
-  report["verified"] = _mode_report(model, None, prompts, args, ar, ar_seconds,
-                                    mode="verified")
+  report["summary"] = [
+      {"mode": "ar", "tokens_per_pass": 1.0, "pass_price": 1.0,
+       "speedup_vs_ar": 1.0, "nll_ratio": 1.0, "distinct_2_ratio": 1.0}] + [
+           {"mode": label, **{key: report[name][key] for key in (
+               "tokens_per_pass", "pass_price", "speedup_vs_ar", "nll_ratio",
+               "distinct_2_ratio")}}
+           for name, label in (("dynamo", f"dynamo eps_b={eps_b}"),
+                               ("verified", "verified chain"),
+                               ("tree", f"verified tree ({tree} paths)"))]
   settings = SamplerSettings(k=k, use_cooc=weights is not None)
   report["step_split"] = timing.step_split(
       model.config, model.params, prompts[:1], weights, eps_b=eps_b,
@@ -161,6 +196,12 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
   report["step_split"]["ar_pass_ms"] = timing.ar_pass_ms(
       model.config, model.params, prompts[:1])
   report["targets"] = TARGETS
+  if project_shape:
+    report["projection"] = prices.projection(
+        project_shape, {name: report[name]["tokens_per_pass"]
+                        for name in ("dynamo", "verified", "tree")},
+        {name: modes[name] for name in ("dynamo", "verified", "tree")},
+        repeats=max(1, min(repeats, 3)))
   if sweep:
     tables = [weights] + ([None] if sweep_without_table and weights is not None
                           else [])
@@ -264,7 +305,33 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="directory for eps_b_sweep.json / .png")
   p.add_argument("--sweep-without-table", action="store_true",
                  help="sweep each eps_b also without the co-occurrence table")
+  p.add_argument("--tree", type=_positive, default=8, metavar="T",
+                 help="draft paths of the verified tree mode (default 8)")
+  p.add_argument("--k-tree", type=_positive, default=8, metavar="K",
+                 help="top-k ids per head the tree's paths come from")
+  p.add_argument("--project-shape", default=None, metavar="NAME",
+                 type=_suite_shape,
+                 help="also project the speed-up at this suite shape (e.g. "
+                 "dynamo-1.5b-t3) from pass prices on its random weights")
   return p
+
+
+def _positive(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+  return value
+
+
+def _suite_shape(text: str) -> str:
+  from dynamo_jax.model.config import DYNAMO_PRESETS  # pylint: disable=import-outside-toplevel
+  if text.lower() not in DYNAMO_PRESETS:
+    raise argparse.ArgumentTypeError(
+        f"unknown suite shape {text!r}; known: {', '.join(sorted(DYNAMO_PRESETS))}")
+  return text.lower()
 
 
 def run(args) -> dict:
@@ -283,7 +350,9 @@ def run(args) -> dict:
                      timing_prompts=args.timing_prompts,
                      repeats=args.repeats, use_cooc=not args.no_cooc,
                      sweep=args.sweep, sweep_out=args.sweep_out,
-                     sweep_without_table=args.sweep_without_table)
+                     sweep_without_table=args.sweep_without_table,
+                     tree=args.tree, k_tree=args.k_tree,
+                     project_shape=args.project_shape)
   report["model"]["directory"] = directory
   json.dump(report, sys.stdout)
   print()

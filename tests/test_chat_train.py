@@ -7,9 +7,10 @@ log-sum-exp over a 37-word vocabulary); masks and packing exact.
 """
 
 import dataclasses
+import functools
 import json
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 import pytest
 
@@ -18,14 +19,19 @@ from dynamo_jax.chat import instructions
 from dynamo_jax.chat.template import DEFAULT_CHAT_TEMPLATE, render
 from dynamo_jax.data.config import DataError
 from dynamo_jax.data.instruct_packing import InstructionBatches
+from dynamo_jax.data.tokenize import make_encoder
 from dynamo_jax.errors import ConfigError
-from dynamo_jax.model import tiny_config
+from dynamo_jax.model import init_params, tiny_config
 from dynamo_jax.training.config import load_config
 from dynamo_jax.training.loss import (head_losses, mean_head_losses,
                                       shifted_targets)
-from tests.conftest import random_params
 
 V = 37  # the tiny model's vocabulary
+
+
+@pytest.fixture(scope="module")
+def embedded():
+  return dynamo_jax.load()
 
 
 class _Examples:
@@ -96,17 +102,21 @@ def test_response_only_masks_and_losses_are_exact():
 
   config = tiny_config(vocab_size=V, hidden_size=16, num_heads=2,
                        intermediate_size=40, num_token_heads=3)
-  params = random_params(config)
-  losses, counts = head_losses(config, params, jnp.asarray(batch["tokens"]),
-                               jnp.asarray(batch["segment_ids"]),
-                               jnp.asarray(batch["loss_mask"]))
+  # Weights well away from init (as conftest.random_params, drawn with numpy:
+  # one jitted init instead of a compiled op per leaf).
+  rng = np.random.RandomState(0)
+  params = jax.tree.map(
+      lambda x: np.asarray(x) + 0.3 * rng.normal(size=x.shape).astype(x.dtype),
+      init_params(config, 0))
+  losses, counts = jax.jit(functools.partial(head_losses, config))(
+      params, batch["tokens"], batch["segment_ids"], batch["loss_mask"])
   logits = np.asarray(dynamo_jax.forward(config, params, batch["tokens"],
                                          all_heads=True), np.float64)
+  shifted = jax.jit(shifted_targets, static_argnums=2)
   for n in (1, 2, 3):
     want = _brute_force_mask(examples, layout, (b, t), n)
-    _, got = shifted_targets(jnp.asarray(batch["tokens"]),
-                             jnp.asarray(batch["segment_ids"]), n,
-                             jnp.asarray(batch["loss_mask"]))
+    _, got = shifted(batch["tokens"], batch["segment_ids"], n,
+                     batch["loss_mask"])
     np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"head {n}")
     nll = []
     for r, c in zip(*np.nonzero(want)):
@@ -116,8 +126,7 @@ def test_response_only_masks_and_losses_are_exact():
     assert counts[n - 1] == len(nll) > 0
     np.testing.assert_allclose(losses[n - 1], np.mean(nll), rtol=1e-5)
   # Without a loss_mask nothing changes: the pre-training masks.
-  _, plain = shifted_targets(jnp.asarray(batch["tokens"]),
-                             jnp.asarray(batch["segment_ids"]), 1)
+  _, plain = shifted(batch["tokens"], batch["segment_ids"], 1)
   assert np.asarray(plain).sum() > _brute_force_mask(
       examples, layout, (b, t), 1).sum()
 
@@ -137,9 +146,8 @@ def test_instruction_cursor_resumes_exactly():
       np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_rendered_response_is_exactly_output_and_eos():
-  model = dynamo_jax.load()
-  tok = model.tokenizer
+def test_rendered_response_is_exactly_output_and_eos(embedded):
+  tok = embedded.tokenizer
   record = {"instruction": "Who art thou?", "input": "Speak plainly.",
             "output": "I am a poor player."}
   prompt, response = instructions.render_example(tok, record,
@@ -148,7 +156,6 @@ def test_rendered_response_is_exactly_output_and_eos():
   assert response == "I am a poor player." + tok.eos_token
   assert prompt == render(tok, instructions.to_messages(record)[:1],
                           add_generation_prompt=True)
-  from dynamo_jax.data.tokenize import make_encoder
   [(ids, mask)] = instructions.encode_examples(
       make_encoder(tok), tok.eos_token_id, [(prompt, response)])
   assert tok.decode(ids[~mask]) == prompt
@@ -176,21 +183,24 @@ def test_project_set_and_heldout_split():
 def test_bad_records_name_file_record_and_field(tmp_path, line, expect):
   path = tmp_path / "bad.jsonl"
   path.write_text('{"instruction": "a", "output": "b"}\n' + line + "\n")
-  with pytest.raises(DataError, match=None) as info:
+  with pytest.raises(DataError) as info:
     instructions.load_records(str(path))
   assert expect in str(info.value) and "\n" not in str(info.value)
 
 
-def test_template_that_does_not_render():
-  tok = dynamo_jax.load().tokenizer
+def test_template_that_does_not_render(embedded):
+  tok = embedded.tokenizer
   with pytest.raises(ConfigError, match="chat template does not render"):
     render(tok, [{"role": "user", "content": "x"}],
            add_generation_prompt=True, template="{{ messages[0].nope.deeper }}")
+  from dynamo_jax.tokenizer import ByteTokenizer
+  with pytest.raises(ConfigError, match="'bytes' tokenizer"):
+    render(ByteTokenizer(), [{"role": "user", "content": "x"}],
+           add_generation_prompt=True)
   with pytest.raises(ConfigError, match="does not end with EOS"):
     no_eos = DEFAULT_CHAT_TEMPLATE.replace("+ eos_token", "")
     instructions.encode_examples(
-        __import__("dynamo_jax.data.tokenize").data.tokenize.make_encoder(tok),
-        tok.eos_token_id, [instructions.render_example(
+        make_encoder(tok), tok.eos_token_id, [instructions.render_example(
             tok, {"instruction": "a", "input": "", "output": "b"}, no_eos)])
 
 
@@ -203,7 +213,8 @@ def _heldout(model, cfg):
   return mean_head_losses(model.config, model.params, list(batches))
 
 
-def test_finetune_embedded_model_lowers_heldout_response_loss(tmp_path):
+def test_finetune_embedded_model_lowers_heldout_response_loss(embedded,
+                                                              tmp_path):
   # A short chat-default run: 8 steps of 8 rows x 96 tokens (~50 s on a
   # busy 2-core CPU). Measured held-out response NLL, heads 1 / 2 / 3:
   # 5.971 / 6.970 / 7.103 -> 5.262 / 6.553 / 6.728 nats. Asserted: head 1
@@ -211,7 +222,7 @@ def test_finetune_embedded_model_lowers_heldout_response_loss(tmp_path):
   cfg = load_config("chat-default", ["steps=8", "seq_len=96",
                                      "global_batch_size=8", "ckpt_every=8",
                                      "data.prefetch=0"])
-  before, counts = _heldout(dynamo_jax.load(), cfg)
+  before, counts = _heldout(embedded, cfg)
   assert counts[0] > 300  # the 34 held-out answers' tokens
   from dynamo_jax.training.loop import train
   train(cfg, str(tmp_path), progress=False)

@@ -33,6 +33,7 @@ boundary, which tokenizing the whole text at once could make, cannot blur it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -176,11 +177,20 @@ def _read_hub(spec: str) -> list[dict[str, str]]:
     raise DataError(f"{spec} needs the `datasets` library, which is not "
                     "installed (pip install datasets), or save the records "
                     "as a local .jsonl file.") from None
+  # The hub client logs each failed retry on stderr; the error below says
+  # it once.
+  loggers = [logging.getLogger(n) for n in ("huggingface_hub", "datasets")]
+  levels = [lg.level for lg in loggers]
   try:
+    for lg in loggers:
+      lg.setLevel(logging.ERROR)
     rows = datasets.load_dataset(name, split=split)
   except Exception as e:  # pylint: disable=broad-except  # network, hub, format
     raise DataError(f"cannot load {spec} with datasets: "
                     f"{' '.join(str(e).split())[:300]}") from None
+  finally:
+    for lg, level in zip(loggers, levels):
+      lg.setLevel(level)
   return [check_record(dict(r), f"{spec}: record {n}")
           for n, r in enumerate(rows, start=1)]
 

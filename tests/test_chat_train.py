@@ -13,6 +13,7 @@ import json
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 import dynamo_jax
 from dynamo_jax.chat import instructions
@@ -202,6 +203,44 @@ def test_template_that_does_not_render(embedded):
     instructions.encode_examples(
         make_encoder(tok), tok.eos_token_id, [instructions.render_example(
             tok, {"instruction": "a", "input": "", "output": "b"}, no_eos)])
+
+
+def test_hub_source_without_datasets_says_so(monkeypatch):
+  monkeypatch.setitem(__import__("sys").modules, "datasets", None)
+  with pytest.raises(DataError, match="needs the `datasets` library"):
+    instructions.load_records("hf:someone/some_set")
+
+
+class DynamoChatTestRecords(tfds.core.GeneratorBasedBuilder):
+  """Three Alpaca records as a tfds dataset (ArrayRecord)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    text = tfds.features.Text()
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.
+                                 FeaturesDict({"instruction": text,
+                                               "input": text,
+                                               "output": text}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(3):
+      yield i, {"instruction": f"Count to {i + 1}.", "input": "",
+                "output": " ".join(["one", "two", "three"][:i + 1])}
+
+
+def test_tfds_source(tmp_path):
+  DynamoChatTestRecords(data_dir=str(tmp_path),
+                        file_format="array_record").download_and_prepare()
+  records = instructions.load_records("tfds:dynamo_chat_test_records:train",
+                                      str(tmp_path))
+  assert sorted(r["output"] for r in records) == ["one", "one two",
+                                                  "one two three"]
+  assert all(r["input"] == "" for r in records)
 
 
 def _heldout(model, cfg):

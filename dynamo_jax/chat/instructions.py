@@ -85,12 +85,14 @@ def check_record(record: Any, where: str) -> dict[str, str]:
   return out
 
 
-def load_records(spec: str) -> list[dict[str, str]]:
-  """Every record of one source, checked (see the module docstring)."""
+def load_records(spec: str, data_dir: str | None = None
+                 ) -> list[dict[str, str]]:
+  """Every record of one source, checked (see the module docstring);
+  `data_dir`: tfds's data directory (None: tfds's default)."""
   if spec == PROJECT_SET:
     return _read_file(project_set_path())
   if spec.startswith("tfds:"):
-    return _read_tfds(spec)
+    return _read_tfds(spec, data_dir)
   if spec.startswith("hf:"):
     return _read_hub(spec)
   if not os.path.isfile(spec):
@@ -140,7 +142,7 @@ def _name_split(spec: str, prefix: str) -> tuple[str, str]:
   return name, split or "train"
 
 
-def _read_tfds(spec: str) -> list[dict[str, str]]:
+def _read_tfds(spec: str, data_dir: str | None) -> list[dict[str, str]]:
   name, split = _name_split(spec, "tfds:")
   try:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -148,7 +150,7 @@ def _read_tfds(spec: str) -> list[dict[str, str]]:
     raise DataError(f"{spec} needs tensorflow-datasets: pip install "
                     "tensorflow-datasets") from None
   try:
-    examples = tfds.data_source(name, split=split)
+    examples = tfds.data_source(name, split=split, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except  # tfds's own errors
     raise DataError(f"cannot open {spec}: {' '.join(str(e).split())[:300]}"
                     ) from None
@@ -279,10 +281,11 @@ class InstructionSource:
   def __init__(self, specs: Sequence[str], tokenizer,
                encode: Callable[[Sequence[str]], list], eos_id: int, *,
                heldout_every: int, template_path: str | None = None,
-               which: str = "train", note: bool = True):
+               which: str = "train", note: bool = True,
+               data_dir: str | None = None):
     records = []
     for spec in specs:
-      records.extend(load_records(spec))
+      records.extend(load_records(spec, data_dir))
     self.records = split_records(records, heldout_every, which)
     if not self.records:
       raise DataError(f"no {which} instruction records in {list(specs)}.")
@@ -314,7 +317,8 @@ def make_batches(data_cfg: DataConfig, tokenizer, *, batch_size: int,
       data_cfg.paths, tokenizer, make_encoder(tokenizer),
       resolve_eos_id(tokenizer, data_cfg.eos_id),
       heldout_every=data_cfg.heldout_every,
-      template_path=data_cfg.chat_template, which=which, note=note)
+      template_path=data_cfg.chat_template, which=which, note=note,
+      data_dir=data_cfg.data_dir)
   packer = InstructionBatches(
       source, batch_size=batch_size, seq_len=seq_len, seed=seed,
       shuffle=data_cfg.shuffle, num_epochs=data_cfg.num_epochs)

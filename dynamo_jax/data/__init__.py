@@ -13,6 +13,9 @@ the documents instead, for readers that want one.
 Sources (`DataConfig.source`): "tfds" (TensorFlow Datasets, read with
 `tfds.data_source`, no TensorFlow needed), "text" and "jsonl" files, and
 pre-tokenized "tokens" files (.npy / raw .bin, documents separated by EOS).
+"instructions" (Alpaca records for chat fine-tuning) is read by
+`dynamo_jax.chat.instructions.make_batches`, with its own packing
+(instruct_packing.py: whole examples, a response-only "loss_mask").
 All are random-access sequences of documents (files are indexed by one scan
 at open), so the order is a true per-epoch permutation of all documents
 rather than a shuffle buffer, and the resumable state is a cursor into it:

@@ -341,29 +341,6 @@ def test_generate_pallas_equals_reference():
   assert outs[0].accepted.max() > 1  # tuples were drawn, not only AR
 
 
-@pytest.mark.parametrize("hot_rows", [0, 100, 256, 257, 700, 1024, 1025, 2500])
-def test_sparse_histogram_branches_count_exactly(hot_rows, monkeypatch):
-  """ops.grid.bin_counts scatters only rows holding a bin > 0, into the
-  branch (lax.switch) whose capacity fits them; every branch must give
-  np.bincount's counts, and Otsu's mask on a K=50, M=3 grid the one of
-  the dense scatter over every entry."""
-  rng = np.random.RandomState(hot_rows)
-  bins = np.zeros((2, 2500, 50), np.int32)
-  for b, rows in enumerate((hot_rows, 2500 - hot_rows)):
-    hot = rng.permutation(2500)[:rows]
-    bins[b, hot] = rng.randint(0, 256, (rows, 50)) * (rng.rand(rows, 50) < 0.3)
-    bins[b, hot, rng.randint(0, 50, rows)] = rng.randint(1, 256, rows)
-  got = grid.bin_counts(jnp.asarray(bins.reshape(2, 50, 50, 50)))
-  want = [np.bincount(row.ravel(), minlength=256) for row in bins]
-  np.testing.assert_array_equal(got, np.stack(want))
-  score = (bins[:1] * rng.rand(1, 2500, 50) ** 8).reshape(1, 50, 50, 50)
-  keep = grid.otsu_keep(jnp.asarray(score, jnp.float32))
-  monkeypatch.setattr(grid, "HOT_ROW_TIERS", ())
-  np.testing.assert_array_equal(
-      keep, grid.otsu_keep(jnp.asarray(score, jnp.float32)))
-  assert 0 < np.sum(keep) < keep.size or hot_rows == 0
-
-
 def test_reference_skips_grids_without_a_candidate_exactly():
   """grid_threshold_draw_reference skips blur, Otsu and the draw when no
   entry reaches eps_b; its outputs must equal the full computation's."""

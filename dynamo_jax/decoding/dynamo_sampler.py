@@ -2,9 +2,12 @@
 
 One forward pass gives n marginals; `dynamo_sample` turns them into 1..n
 tokens for each batch row. It is jitted with static shapes: the back-off over
-m = n..1 cannot branch on traced values, so every order's grid (k^n, ...,
-k^2) is built and each row takes the largest m whose grid passes, so rows in
-a batch get their own m. Order 1 is plain autoregressive sampling of head 1.
+m = n..1 cannot branch on traced values, so every order's joint grid (k^n,
+..., k^2) is built and each row takes the largest m whose grid passes, so
+rows in a batch get their own m (every order's peak and pass/fail is part of
+the result). An order whose joint has no entry >= eps_b in any row skips its
+blur, Otsu and draw (lax.cond: its final grid is all zero), which is most
+orders of most steps at eps_b >= 0.5. Order 1 is plain autoregressive sampling of head 1.
 Orders >= 2 (steps 3-8) are `kernels.threshold_and_draw`: the Pallas kernel,
 or with kernel="reference" its jnp reference built from `ops/grid.py`.
 

@@ -44,9 +44,6 @@ import jax
 import jax.numpy as jnp
 
 OTSU_BINS = 256
-# Capacities (in rows of K) of the sparse histogram's branches; see
-# bin_counts.
-HOT_ROW_TIERS = (256, 1024)
 # OpenCV's fixed ksize-3 Gaussian (getGaussianKernel(3, 0)).
 BLUR_TAPS = (0.25, 0.5, 0.25)
 
@@ -97,69 +94,17 @@ def gaussian_blur3(grid: jax.Array) -> jax.Array:
   return grid
 
 
-def _scatter_counts(bins_XxK, batch_X, valid_X, b):
-  """int32 [B, NB]: histogram of the rows of bins_XxK where valid_X, row x
-  counted in batch row batch_X[x]."""
-  flat_XxK = bins_XxK + OTSU_BINS * batch_X[:, None]
-  # A scatter-add of ones; the ones are computed from the indices (always
-  # 1 where valid: bins are clipped to >= 0) because a constant update array
-  # is materialised as its own buffer on every call (~10% of the whole
-  # sampler on XLA CPU), while this one fuses into the scatter.
-  ones_XxK = ((flat_XxK >= 0) & valid_X[:, None]).astype(jnp.int32)
-  counts = jnp.zeros((b * OTSU_BINS,), jnp.int32).at[flat_XxK.reshape(-1)].add(
-      ones_XxK.reshape(-1), mode="promise_in_bounds")
-  return counts.reshape(b, OTSU_BINS)
-
-
-def bin_counts(bins: jax.Array) -> jax.Array:
-  """int32 [B, NB]: each batch row's histogram of `bins` int32 [B, ..., K]
-  (values in [0, NB)), counted exactly.
-
-  XLA CPU's scatter-add costs ~1 ns per entry, the largest part of the
-  sampler when it ran over all 125k entries of a K=50, M=3 grid. Most of a
-  grid's values fall in bin 0 (Otsu's range is [min, max] and the mass sits
-  in a few cells), and whole rows of K lanes often do: such a "cold" row
-  adds K to bin 0 without being scattered. Only the hot rows are gathered
-  and scattered, into a buffer of the first of HOT_ROW_TIERS that holds
-  them all (lax.switch), else the whole grid is. Counts are integers, so
-  every branch gives the same histogram.
-  """
-  b, k = bins.shape[0], bins.shape[-1]
-  bins_XxK = bins.reshape(-1, k)  # X = B * R rows of K lanes
-  x = bins_XxK.shape[0]
-  per_row = x // b
-  batch_X = jnp.arange(x, dtype=jnp.int32) // per_row
-  hot_X = jnp.max(bins_XxK, axis=1) > 0
-  hot = jnp.sum(hot_X.astype(jnp.int32))
-
-  def dense(_):
-    return _scatter_counts(bins_XxK, batch_X, jnp.ones((x,), jnp.bool_), b)
-
-  def sparse(cap):
-    def run(_):
-      idx_C = jnp.nonzero(hot_X, size=cap, fill_value=0)[0].astype(jnp.int32)
-      valid_C = jnp.arange(cap, dtype=jnp.int32) < hot
-      counts_BxNB = _scatter_counts(bins_XxK[idx_C], idx_C // per_row,
-                                    valid_C, b)
-      cold_B = per_row - jnp.sum(hot_X.reshape(b, per_row), axis=1,
-                                 dtype=jnp.int32)
-      return counts_BxNB.at[:, 0].add(k * cold_B)
-    return run
-
-  caps = [cap for cap in HOT_ROW_TIERS if cap < x // 2]
-  if not caps:
-    return dense(None)
-  tier = sum((hot > cap).astype(jnp.int32) for cap in caps)
-  return jax.lax.switch(tier, [sparse(cap) for cap in caps] + [dense], None)
-
-
 def otsu_keep(score: jax.Array) -> jax.Array:
   """bool, same shape as score [B, ...]: entries at or above their row's
   Otsu threshold (a row is everything after the batch axis).
 
-  The histogram is `bin_counts`, not jnp.histogram, whose searchsorted is
-  ~5x slower here. Shapes stay those of the grid: mixing [B, E] and
-  [B, K, K, K] views of the same data in one XLA CPU loop cost ~35% at B=8.
+  The histogram is a scatter-add of bin indices, not
+  jnp.histogram, whose searchsorted is ~5x slower here. Shapes stay those of
+  the grid: mixing [B, E] and [B, K, K, K] views of the same data in one XLA
+  CPU loop cost ~35% at B=8. Scattering only the rows of K entries that
+  hold a bin > 0 (most rows are all in bin 0) gave the same counts but was
+  slower at K=50, M=3 (0.21 vs 0.17 ms, load ~9): the extra pass finding
+  those rows and the gather cost more than the scatter they save.
   """
   b, e = score.shape[0], score[0].size
   axes = tuple(range(1, score.ndim))
@@ -169,7 +114,15 @@ def otsu_keep(score: jax.Array) -> jax.Array:
   safe_span = jnp.where(span > 0, span, 1.0)
   bins = jnp.floor((score - lo) / safe_span * OTSU_BINS)
   bins = jnp.clip(bins, 0, OTSU_BINS - 1).astype(jnp.int32)
-  counts_BxNB = bin_counts(bins).astype(jnp.float32)
+  flat = bins + OTSU_BINS * jnp.arange(b, dtype=jnp.int32).reshape(row_shape)
+  # A scatter-add of ones; the ones are computed from the indices (always
+  # 1: bins are clipped to >= 0) because a constant update array is
+  # materialised as its own 125k-entry buffer on every call (~10% of the
+  # whole sampler on XLA CPU), while this one fuses into the scatter.
+  idx = flat.reshape(-1)
+  counts = jnp.zeros((b * OTSU_BINS,), jnp.int32).at[idx].add(
+      (idx >= 0).astype(jnp.int32), mode="promise_in_bounds")
+  counts_BxNB = counts.reshape(b, OTSU_BINS).astype(jnp.float32)
   # Class 0 = bins < s, class 1 = bins >= s, for splits s = 1..NB-1. Bin
   # centres are measured in bins: Otsu's split is invariant to an affine
   # change of the value axis, so [lo, hi] need not enter.

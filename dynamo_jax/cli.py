@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
   from dynamo_jax.evaluation import bench
   from dynamo_jax.evaluation import cli as eval_cli
   cooc_cli.add_parser(sub).set_defaults(func=cooc_cli.run)
+  from dynamo_jax.chat import repl
+  repl.add_parser(sub).set_defaults(func=repl.run)
   bench.add_parser(sub).set_defaults(func=bench.run)
   eval_cli.add_parser(sub)
   return parser

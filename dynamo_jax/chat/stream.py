@@ -96,7 +96,8 @@ def _programs(mode: str, config, prep: Prepared):
 
 def _signature(tree) -> tuple:
   leaves, treedef = jax.tree.flatten(tree)
-  return treedef, tuple((np.shape(x), np.result_type(x).str) for x in leaves)
+  return treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x))))
+                        for x in leaves)
 
 
 def _compiled(mode: str, config, params, prep: Prepared
@@ -131,9 +132,10 @@ def _prompt_ids(tokenizer, prompt) -> list[list[int]]:
                        f"(stream decodes one row), got shape "
                        f"{tuple(np.shape(prompt))}.")
     return [np.asarray(prompt).tolist()]
-  if not isinstance(prompt, (list, tuple)):
-    raise InputError(f"prompt must be text or one sequence of token ids, got "
-                     f"{type(prompt).__name__}.")
+  if not isinstance(prompt, (list, tuple)) or any(
+      isinstance(t, (list, tuple, np.ndarray)) for t in prompt):
+    raise InputError("prompt must be text or one sequence of token ids "
+                     "(stream decodes one row).")
   return [list(prompt)]
 
 

@@ -257,6 +257,15 @@ class Prepared(NamedTuple):
   k_tree: int
 
 
+def max_prompt_length(config: PythiaConfig, mode: str,
+                      max_new_tokens: int) -> int:
+  """The longest prompt that leaves room for max_new_tokens in `mode` (< 1:
+  none does)."""
+  n = config.num_token_heads if mode != "ar" else 1
+  # The last fed chunk starts at position P + max_new_tokens - 1 at most.
+  return config.max_position_embeddings - max_new_tokens - n + 1
+
+
 def prepare(config: PythiaConfig, input_ids, *, max_new_tokens: int,
             mode: str = "ar", greedy: bool = False, temperature: float = 0.7,
             eps_b: float = 0.5, seed: int | Sequence[int] = 0, cooc=None,
@@ -273,9 +282,8 @@ def prepare(config: PythiaConfig, input_ids, *, max_new_tokens: int,
   prompt = _prompt(config, input_ids)
   b, p = prompt.shape
   seeds = _seed(seed, b)
-  n = config.num_token_heads if mode != "ar" else 1
-  # The last fed chunk starts at position P + max_new_tokens - 1 at most.
-  if p + max_new_tokens + n - 2 >= config.max_position_embeddings:
+  if p > max_prompt_length(config, mode, max_new_tokens):
+    n = config.num_token_heads if mode != "ar" else 1
     raise InputError(
         f"prompt length {p} + max_new_tokens {max_new_tokens} (+ {n - 1} "
         f"look-ahead) exceeds max_position_embeddings="

@@ -225,6 +225,17 @@ CASES = [
     Case("generate-non-utf8-prompt",
          ["generate", "--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")],
          "--prompt is not valid UTF-8"),
+    # --- chat (each refused before the first prompt) ---
+    Case("chat-bad-mode", ["chat", "--mode", "beam"],
+         "argument --mode: invalid choice: 'beam'"),
+    Case("chat-eps-b", ["chat", "--eps-b", "2"], "eps_b must lie in [0, 1]"),
+    Case("chat-max-new-tokens-too-many", ["chat", "--max-new-tokens", "600"],
+         "exceeds max_position_embeddings=512"),
+    Case("chat-template-does-not-render", ["chat", "--model", "m"],
+         "the chat template does not render",
+         _both(_default_copy(), _edit_json(
+             "m/tokenizer_config.json",
+             lambda c: c.update(chat_template="{% for %}")))),
     # --- convert ---
     Case("convert-missing-src", ["convert", "nope", "out"],
          "'nope' is neither a checkpoint directory"),

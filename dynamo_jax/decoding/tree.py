@@ -45,12 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamo_jax.decoding.ar import pass_keys
+from dynamo_jax.decoding.ar import not_done, pass_keys
 from dynamo_jax.decoding.dynamo import write_rows
-from dynamo_jax.decoding.verified import not_done
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import (KVCache, Params, forward_cached,
-                                     init_cache)
+                                     init_cache, unembed)
 
 
 def tree_topology(paths: int, depth: int) -> np.ndarray:
@@ -115,11 +114,12 @@ def _sub(keys_B, i):
   return jax.vmap(lambda k: jax.random.fold_in(k, i))(keys_B)
 
 
-def walk(head1_BxTnxV, paths_BxTcxNd, keys_B, temperature, greedy: bool):
+def walk(head1_at, paths_BxTcxNd, keys_B, temperature, greedy: bool):
   """Verifies the tree: (steps j [B], path c [B], last node [B], next token
-  [B]); the emitted tokens are paths[c, :j] and then the next token."""
+  [B]); the emitted tokens are paths[c, :j] and then the next token.
+  head1_at(node_B) gives head 1's logits [B, V] at one node per row (the
+  walk needs them at Nd + 1 nodes, not at all Tn)."""
   b, tc, nd = paths_BxTcxNd.shape
-  rows = jnp.arange(b)
   node_B = jnp.zeros((b,), jnp.int32)
   live_BxTc = jnp.ones((b, tc), bool)
   alive_B = jnp.ones((b,), bool)
@@ -127,8 +127,8 @@ def walk(head1_BxTnxV, paths_BxTcxNd, keys_B, temperature, greedy: bool):
   path_B = jnp.zeros((b,), jnp.int32)
   next_B = jnp.zeros((b,), jnp.int32)
   for i in range(nd + 1):
-    t_B = _choose(_sub(keys_B, 10 + i), head1_BxTnxV[rows, node_B],
-                  temperature, greedy)
+    t_B = _choose(_sub(keys_B, 10 + i), head1_at(node_B), temperature,
+                  greedy)
     if i == nd:
       next_B = jnp.where(alive_B, t_B, next_B)
       break
@@ -216,15 +216,18 @@ def tree_body(config: PythiaConfig, params: Params, state: TreeState,
   chunk_BxTn = jnp.concatenate(
       [state.x_B[:, None], state.paths_BxTcxNd.reshape(b, -1)], axis=1)
   tree_TnxTn = tree_topology(paths, nd)
-  logits_NxBxTnxV, cache = forward_cached(config, params, state.cache,
+  hidden_NxBxTnxD, cache = forward_cached(config, params, state.cache,
                                           chunk_BxTn, all_heads=True,
-                                          tree_TxT=tree_TnxTn)
-  j_B, path_B, node_B, next_B = walk(logits_NxBxTnxV[0], state.paths_BxTcxNd,
-                                     keys_B, temperature, greedy)
+                                          tree_TxT=tree_TnxTn,
+                                          hidden_only=True)
+  rows = jnp.arange(b)
+  j_B, path_B, node_B, next_B = walk(
+      lambda node_B: unembed(config, params, hidden_NxBxTnxD[0, rows, node_B]),
+      state.paths_BxTcxNd, keys_B, temperature, greedy)
   cache = keep_path(cache, end_B, path_B, nd)
   cache["end"] = end_B + jnp.where(active_B, j_B + 1, 0)
-  rows = jnp.arange(b)
-  at_node_BxNdxV = jnp.swapaxes(logits_NxBxTnxV[1:, rows, node_B], 0, 1)
+  at_node_BxNdxV = jnp.swapaxes(
+      unembed(config, params, hidden_NxBxTnxD[1:, rows, node_B]), 0, 1)
   new_paths = propose_paths(next_B, at_node_BxNdxV, cooc, paths=paths,
                             k_tree=k_tree, alpha=alpha)
   chosen_BxNd = state.paths_BxTcxNd[rows, path_B]

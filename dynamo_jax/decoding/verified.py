@@ -31,11 +31,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dynamo_jax.decoding.ar import pass_keys
+from dynamo_jax.decoding.ar import not_done, pass_keys  # noqa: F401 (re-exported)
 from dynamo_jax.decoding.dynamo import write_rows
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import (KVCache, Params, forward_cached,
-                                     init_cache)
+                                     init_cache, unembed)
 
 
 def _draw(keys_B, probs_BxV):
@@ -48,17 +48,19 @@ def _sub(keys_B, i):
   return jax.vmap(lambda k: jax.random.fold_in(k, i))(keys_B)
 
 
-def _propose(logits_BxNxV, keys_B, temperature, greedy):
-  """x from head 1 and drafts d_1..d_{n-1} from heads 2..n, with the drafts'
-  distributions q [B, n-1, V]."""
+def _propose(logits_BxNxV, keys_B, temperature, greedy, first: int = 0):
+  """Tokens from heads first+1..n (x from head 1, then drafts d_1..d_{n-1}
+  from heads 2..n) and their distributions [B, heads, V]; logits_BxNxV
+  holds those heads only. Head i always draws with key 100 + i - 1."""
   probs_BxNxV = jax.nn.softmax(logits_BxNxV / temperature, axis=-1)
   if greedy:
     tokens_BxN = jnp.argmax(logits_BxNxV, axis=-1).astype(jnp.int32)
   else:
-    n = logits_BxNxV.shape[1]
-    tokens_BxN = jnp.stack([_draw(_sub(keys_B, 100 + i), probs_BxNxV[:, i])
-                            for i in range(n)], axis=1)
-  return tokens_BxN[:, 0], tokens_BxN[:, 1:], probs_BxNxV[:, 1:]
+    heads = logits_BxNxV.shape[1]
+    tokens_BxN = jnp.stack([_draw(_sub(keys_B, 100 + first + i),
+                                  probs_BxNxV[:, i]) for i in range(heads)],
+                           axis=1)
+  return tokens_BxN, probs_BxNxV
 
 
 def _verify(p_BxNxV, drafts_BxNd, q_BxNdxV, keys_B, greedy):
@@ -102,12 +104,6 @@ class VerifiedState(NamedTuple):
   passes: jax.Array          # int32 [], forward passes so far
 
 
-def not_done(state, max_new_tokens: int):
-  """The decode loops' condition: some row still short, passes left."""
-  return (jnp.any(state.count_B < max_new_tokens)
-          & (state.passes < max_new_tokens))
-
-
 def verified_init(config: PythiaConfig, params: Params, prompt_BxP,
                   row_keys_Bx2, temperature, *, max_new_tokens: int,
                   greedy: bool) -> VerifiedState:
@@ -117,8 +113,10 @@ def verified_init(config: PythiaConfig, params: Params, prompt_BxP,
   cache = init_cache(config, b, p + max_new_tokens + n, all_heads=True)
   logits_NxBx1xV, cache = forward_cached(config, params, cache, prompt_BxP,
                                          all_heads=True, last_only=True)
-  x_B, d_BxNd, q_BxNdxV = _propose(jnp.swapaxes(logits_NxBx1xV[:, :, 0], 0, 1),
-                                 pass_keys(row_keys_Bx2, 0), temperature, greedy)
+  tokens_BxN, probs_BxNxV = _propose(
+      jnp.swapaxes(logits_NxBx1xV[:, :, 0], 0, 1), pass_keys(row_keys_Bx2, 0),
+      temperature, greedy)
+  x_B, d_BxNd, q_BxNdxV = tokens_BxN[:, 0], tokens_BxN[:, 1:], probs_BxNxV[:, 1:]
   out_BxG = jnp.zeros((b, max_new_tokens + n), jnp.int32).at[:, 0].set(x_B)
   accepted_BxNp = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(1)
   return VerifiedState(cache, out_BxG, jnp.ones((b,), jnp.int32), x_B, d_BxNd,
@@ -136,10 +134,12 @@ def verified_body(config: PythiaConfig, params: Params, state: VerifiedState,
   chunk_BxN = jnp.concatenate([x_B[:, None], d_BxNd], axis=1)
   active_B = count_B < max_new_tokens
   end_B = cache["end"]
-  logits_NxBxNxV, cache = forward_cached(config, params, cache, chunk_BxN,
-                                         all_heads=True)
+  hidden_NxBxNxD, cache = forward_cached(config, params, cache, chunk_BxN,
+                                         all_heads=True, hidden_only=True)
+  # Head 1 is unembedded at every fed position, heads 2..n only at the last
+  # accepted one (below): the rest would be thrown away.
+  head1_BxNxV = unembed(config, params, hidden_NxBxNxD[0])
   # Greedy verification compares argmaxes, so logits serve as well as p.
-  head1_BxNxV = logits_NxBxNxV[0]
   if not greedy:
     head1_BxNxV = jax.nn.softmax(head1_BxNxV / temperature, axis=-1)
   j_B, x_next_B = _verify(head1_BxNxV, d_BxNd, q_BxNdxV, keys_B, greedy)
@@ -148,10 +148,11 @@ def verified_body(config: PythiaConfig, params: Params, state: VerifiedState,
   # query can see them.
   cache = {**cache, "end": end_B + jnp.where(active_B, j_B + 1, 0)}
   # New drafts from heads 2..n at the last accepted position j.
-  at_j_BxNxV = jax.vmap(lambda l, j: l[:, j], in_axes=(1, 0))(
-      logits_NxBxNxV, j_B)
-  _, d_new_BxNd, q_new_BxNdxV = _propose(at_j_BxNxV, _sub(keys_B, 3),
-                                       temperature, greedy)
+  rows_B = jnp.arange(j_B.shape[0])
+  at_j_BxNdxV = jnp.swapaxes(
+      unembed(config, params, hidden_NxBxNxD[1:, rows_B, j_B]), 0, 1)
+  d_new_BxNd, q_new_BxNdxV = _propose(at_j_BxNdxV, _sub(keys_B, 3),
+                                      temperature, greedy, first=1)
   emitted_BxN = jnp.where(jnp.arange(n)[None] < j_B[:, None],
                           jnp.pad(d_BxNd, ((0, 0), (0, 1))), 0)
   emitted_BxN = jnp.where(jnp.arange(n)[None] == j_B[:, None],

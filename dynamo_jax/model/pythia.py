@@ -103,8 +103,11 @@ class Pythia(nn.Module):
 
   def __call__(self, tokens_BxT, positions_BxT=None, cache=None, end_B=None,
                all_heads: bool = False, select_B=None,
-               exact_head1: bool = True, tree_TxT=None):
+               exact_head1: bool = True, tree_TxT=None,
+               hidden_only: bool = False):
     """Logits float32 [B,T,V] (head 1), or [N,B,T,V] with all_heads.
+    hidden_only: the heads' pre-layer-norm outputs [N,B,T,D] instead of
+    logits, for a caller that unembeds only the positions it needs.
 
     select_B: int [B], unembed only position select_B[b] of each row (T = 1
     in the output): a decode step needs one position, not the whole chunk.
@@ -120,6 +123,8 @@ class Pythia(nn.Module):
     if select_B is not None:
       rows_B = jnp.arange(tokens_BxT.shape[0])
       hiddens = [h[rows_B, select_B][:, None] for h in hiddens]
+    if hidden_only:
+      return jnp.stack(hiddens), updates
     if not all_heads:
       return self.unembed(hiddens[0]), updates
     # Heads 2..N share one projection: separate ones would each read the
@@ -234,7 +239,7 @@ def init_cache(config: PythiaConfig, batch: int, max_len: int, *,
 def forward_cached(config: PythiaConfig, params: Params, cache: KVCache,
                    tokens_BxT, lengths_B=None, *, all_heads: bool = False,
                    last_only: bool = False, exact_head1: bool = True,
-                   tree_TxT=None):
+                   tree_TxT=None, hidden_only: bool = False):
   """One cached forward pass over a chunk of T tokens per row.
 
   Row b's tokens take positions end[b] .. end[b]+T-1; only its first
@@ -257,6 +262,11 @@ def forward_cached(config: PythiaConfig, params: Params, cache: KVCache,
   ancestors only, so its logits are those of the uncached forward over the
   past plus its root-to-i path. The caller keeps one path afterwards
   (moving its entries to end.. and setting `end`).
+
+  hidden_only: return the heads' pre-layer-norm outputs [N, B, T, D] (N = 1
+  without all_heads) instead of logits; `unembed` turns the rows a caller
+  needs into logits (a verifier needs head 1 at a few positions and heads
+  2..n at one, not every head at every fed position).
   """
   end_B = cache["end"]
   t = tokens_BxT.shape[1]
@@ -271,6 +281,16 @@ def forward_cached(config: PythiaConfig, params: Params, cache: KVCache,
   logits, updates = Pythia(config).apply(
       {"params": params}, tokens_BxT, positions_BxT, cache, end_B,
       all_heads=all_heads, select_B=select_B, exact_head1=exact_head1,
-      tree_TxT=tree_TxT)
+      tree_TxT=tree_TxT, hidden_only=hidden_only)
   return logits, {**cache, **updates,
                   "end": end_B + lengths_B.astype(jnp.int32)}
+
+
+def unembed(config: PythiaConfig, params: Params, hidden_XxD) -> jax.Array:
+  """Final layer norm and embed_out on hidden states [..., D] (any leading
+  axes, e.g. from `forward_cached(hidden_only=True)`): float32 [..., V]."""
+  shape = hidden_XxD.shape
+  logits = Pythia(config).apply({"params": params},
+                                hidden_XxD.reshape(1, -1, shape[-1]),
+                                method=Pythia.unembed)
+  return logits.reshape(shape[:-1] + (logits.shape[-1],))

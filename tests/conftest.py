@@ -101,3 +101,45 @@ def cpu_env(devices: int) -> dict:
 @pytest.fixture
 def rng():
   return np.random.RandomState(0)
+
+
+@pytest.fixture(scope="session")
+def trained_t3():
+  """A tiny T3 trained with our trainer on a predictable language: rows
+  count upward by a per-row stride modulo 31, so a head can know t+2, t+3."""
+  # pylint: disable=import-outside-toplevel
+  from dynamo_jax.model import tiny_config
+  from dynamo_jax.training.config import OptimConfig
+  from dynamo_jax.training.optimizer import make_optimizer
+  from dynamo_jax.training.sharding import make_mesh
+  from dynamo_jax.training.step import (init_state, make_train_step,
+                                        random_params_fn, state_shardings)
+  config = tiny_config(vocab_size=32, hidden_size=32, num_heads=4,
+                       intermediate_size=64, num_token_heads=3,
+                       max_position_embeddings=128)
+  opt = make_optimizer(OptimConfig(lr_base=1e-2, lr_heads_mult=1.0,
+                                   warmup_frac=0.02, weight_decay=0.0), 300)
+  mesh = make_mesh(1, 1, 1)
+  _, shardings = state_shardings(config, opt, mesh)
+  state = init_state(random_params_fn(config, 0), opt, shardings)
+  step = make_train_step(config, opt, mesh, shardings)
+  rng = np.random.RandomState(0)
+  for _ in range(300):
+    start = rng.randint(0, 31, size=(16, 1))
+    stride = rng.randint(1, 4, size=(16, 1))
+    tokens = (start + stride * np.arange(48)[None]) % 31
+    batch = {"tokens": tokens.astype(np.int32),
+             "segment_ids": np.ones((16, 48), np.int32)}
+    state, metrics = step(state, batch)
+  assert float(metrics["head_loss"][2]) < 0.2, metrics  # heads learned
+  return config, jax.tree.map(np.asarray, state["params"])
+
+
+@pytest.fixture(scope="session")
+def t3():
+  """A tiny random DynaMo-T3 (prime sizes), shared by the decoding tests."""
+  from dynamo_jax.model import tiny_config  # pylint: disable=import-outside-toplevel
+  config = tiny_config(vocab_size=211, hidden_size=24, num_heads=3,
+                       intermediate_size=97, num_token_heads=3,
+                       max_position_embeddings=128)
+  return config, random_params(config)

@@ -11,17 +11,8 @@ from dynamo_jax.decoding import tree as tree_lib
 from dynamo_jax.errors import InputError
 from dynamo_jax.model import forward_cached, init_cache, tiny_config
 from tests.conftest import random_params
-from tests.test_decoding import trained_t3  # noqa: F401  (a fixture)
 
 LOGIT_TOL = 1e-4  # cached vs uncached, as tests/test_decoding.py
-
-
-@pytest.fixture(scope="module")
-def t3():
-  config = tiny_config(vocab_size=211, hidden_size=24, num_heads=3,
-                       intermediate_size=97, num_token_heads=3,
-                       max_position_embeddings=128)
-  return config, random_params(config)
 
 
 def test_topology_by_hand():
@@ -88,7 +79,7 @@ def test_kept_path_equals_feeding_it_as_a_sequence(t3, rng):
                                atol=LOGIT_TOL, rtol=0)
 
 
-def test_tree_greedy_equals_ar_greedy(trained_t3, t3, rng):  # noqa: F811
+def test_tree_greedy_equals_ar_greedy(trained_t3, t3, rng):
   for config, params in (trained_t3, t3):
     for length, new, paths in ((1, 40, 1), (5, 33, 4), (17, 50, 9)):
       prompt = rng.randint(0, config.vocab_size - 1, size=(4, length))

@@ -23,6 +23,10 @@ Decided here:
 from __future__ import annotations
 
 import argparse
+import codecs
+import os
+import select
+import signal
 import sys
 
 QUIT = ("/quit", "/exit")
@@ -73,18 +77,69 @@ def _fit(tokenizer, messages, template, limit: int) -> tuple[list, int, int]:
     turns, dropped = turns[2:], dropped + 1  # a question and its answer
 
 
+class _Stop:
+  """A SIGINT handler that only records the Ctrl-C: an answer stops at the
+  next chunk, never inside jax (an exception raised while jax traces or
+  compiles can leave it broken: a crash at exit was seen)."""
+
+  def __init__(self):
+    self.pressed = False
+
+  def __call__(self, signum, frame):  # pylint: disable=unused-argument
+    self.pressed = True
+
+
+class _Lines:
+  """input() that Ctrl-C always interrupts. A signal goes to any thread
+  that does not block it, and jax's threads do not: when one of them takes
+  SIGINT, input() in the main thread keeps waiting. Here the main thread
+  waits in select() on stdin and the signal wakeup pipe, which every
+  thread's signal writes to, so KeyboardInterrupt comes at once."""
+
+  def __init__(self):
+    self._wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    self._buffer = ""
+
+  def read(self, prompt: str) -> str | None:
+    """The next line (without its newline), or None at EOF."""
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    while "\n" not in self._buffer:
+      ready, _, _ = select.select([sys.stdin.fileno(), self._wake_r], [], [])
+      if self._wake_r in ready:
+        os.read(self._wake_r, 512)  # a signal: its handler runs on return
+      if sys.stdin.fileno() in ready:
+        data = os.read(sys.stdin.fileno(), 4096)
+        if not data:  # EOF: a last line without newline, then None
+          rest, self._buffer = self._buffer + self._decoder.decode(
+              b"", final=True), ""
+          return rest or None
+        self._buffer += self._decoder.decode(data)
+    line, self._buffer = self._buffer.split("\n", 1)
+    return line
+
+
 def _answer(model, ids, settings) -> str:
   """Streams one answer to stdout; returns its text (what was shown)."""
-  from dynamo_jax.chat.stream import stream  # pylint: disable=import-outside-toplevel
-  shown, last = [], None
+  # pylint: disable=import-outside-toplevel
+  from dynamo_jax.chat.stream import stream
+  shown, last, stop = [], None, _Stop()
   chunks = stream(model, ids, **settings)
+  previous = signal.signal(signal.SIGINT, stop)
   try:
     for last in chunks:
+      if stop.pressed:
+        break
       sys.stdout.write(last.text)
       sys.stdout.flush()
       shown.append(last.text)
-  except KeyboardInterrupt:
+  finally:
+    signal.signal(signal.SIGINT, previous)
     chunks.close()
+  if stop.pressed:
     print("\n[answer stopped: Ctrl-C]", file=sys.stderr, flush=True)
     return "".join(shown)
   print(flush=True)
@@ -119,10 +174,10 @@ def run(args) -> None:
   if note:
     print(note, file=sys.stderr, flush=True)
   messages = list(opening)
+  lines = _Lines()
   while True:
-    try:
-      line = input(PROMPT)
-    except EOFError:  # Ctrl-D
+    line = lines.read(PROMPT)
+    if line is None:  # EOF (Ctrl-D)
       print()
       return
     question = line.strip()
@@ -132,7 +187,7 @@ def run(args) -> None:
       continue
     try:
       messages = _turn(model, messages, question, template, limit, settings)
-    except KeyboardInterrupt:  # before the answer began: the question goes
+    except KeyboardInterrupt:  # while rendering: the question is dropped
       print("\n[answer stopped: Ctrl-C]", file=sys.stderr, flush=True)
 
 

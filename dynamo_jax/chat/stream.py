@@ -36,7 +36,7 @@ from dynamo_jax.decoding.dynamo import dynamo_body, dynamo_init
 from dynamo_jax.decoding.generate import Prepared, prepare
 from dynamo_jax.decoding.tree import tree_body, tree_init
 from dynamo_jax.decoding.verified import verified_body, verified_init
-from dynamo_jax.errors import InputError
+from dynamo_jax.errors import ConfigError, InputError
 
 FINISHED = ("eos", "length")
 
@@ -191,8 +191,9 @@ def _run(model, mode: str, prep: Prepared, eos: int | None
   while True:
     # Fetch this pass's tokens, then dispatch the next pass before the host
     # decodes and the caller prints: the two overlap.
-    out_G = np.asarray(state.out_BxG[0])
-    count, passes = int(state.count_B[0]), int(state.passes)
+    out_BxG, count_B, passes = jax.device_get(
+        (state.out_BxG, state.count_B, state.passes))
+    out_G, count, passes = out_BxG[0], int(count_B[0]), int(passes)
     seconds = time.perf_counter() - start
     new = out_G[len(kept):min(count, max_new)].tolist()
     finished = None
@@ -204,9 +205,12 @@ def _run(model, mode: str, prep: Prepared, eos: int | None
       state = body(model.params, state, dyn)
     kept += new
     text = _visible(model.tokenizer.decode(kept), finished is not None)
-    if not text.startswith(shown):  # would need to take shown text back
-      raise AssertionError(f"decoding the longer answer changed text "
-                           f"already shown: {shown!r} -> {text!r}")
+    if not text.startswith(shown):  # shown text cannot be taken back
+      raise ConfigError(
+          f"the tokenizer decodes the longer answer with other text than it "
+          f"showed ({shown[-20:]!r} became "
+          f"{text[max(len(shown) - 20, 0):]!r}): streaming needs a decode "
+          "whose prefix stays put; use generate.")
     piece, shown = text[len(shown):], text
     yield Chunk(token_ids=tuple(new), text=piece, tokens=len(kept),
                 passes=passes, seconds=seconds,

@@ -6,7 +6,9 @@ top-k marginals and the order-1 (plain AR) draw: for m = 2..n it builds,
 masks, thresholds and draws from each order's grid (one call of the
 one-order op per order), applies the back-off test peak > eps_b^(m-1), and
 maps the chosen entry to tokens. Rows where no order passes get m = 1 and
-are left to the caller's plain AR draw.
+are left to the caller's plain AR draw. The reference skips an order's blur,
+Otsu and draw when no entry of its joint reaches eps_b (the outputs are
+those of the full computation: an all-zero final grid).
 
 Kernel choice is explicit and fails loudly: kernel="reference" is the
 one-order op's jnp reference (`ops.grid.grid_threshold_draw_reference`),

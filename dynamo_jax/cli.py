@@ -58,12 +58,13 @@ def _generate(args) -> None:
     cooc.check_compatible(vocab_hash=cooc_lib.vocab_hash(tokenizer),
                           vocab_size=config.vocab_size,
                           num_heads=config.num_token_heads)
-  if args.no_cooc or args.mode != "dynamo":
+  if args.no_cooc or not (args.mode == "dynamo" or args.tree):
     cooc = None
   ids = np.asarray([tokenizer.encode(args.prompt)], np.int32)
   kwargs = dict(max_new_tokens=args.max_new_tokens, mode=args.mode,
                 greedy=args.greedy, temperature=args.temperature, seed=args.seed,
-                eps_b=args.eps_b, cooc=cooc)
+                eps_b=args.eps_b, cooc=cooc, tree=args.tree,
+                k_tree=args.k_tree)
   generate(config, params, ids, **kwargs)  # compile outside the timed run
   start = time.perf_counter()
   out = generate(config, params, ids, **kwargs)
@@ -131,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                  "(AR's output distribution)")
   p.add_argument("--eps-b", type=float, default=0.5,
                  help="DynaMo back-off threshold in [0, 1] (1 = AR)")
+  p.add_argument("--tree", type=int, default=0, metavar="T",
+                 help="verified mode: verify a tree of T draft paths (0: one "
+                 "draft chain)")
+  p.add_argument("--k-tree", type=int, default=8, metavar="K",
+                 help="top-k ids per head the tree's paths come from")
   p.add_argument("--cooc", help="co-occurrence table file (default: the "
                  "model's own, when it ships one)")
   p.add_argument("--no-cooc", action="store_true",

@@ -158,10 +158,23 @@ def dynamo_body(config: PythiaConfig, params: Params, state: DynamoState,
   """One pass after the prefill, with pass key `state.passes`: feeds the
   last emitted tokens and appends 1..n new ones to every row that still
   needs tokens (done rows emit 0). Pure."""
-  res, cache = decode_step(
-      config, params, state.cache, state.fed_BxN, state.fed_len_B,
-      pass_keys(row_keys_Bx2, state.passes), state.out_BxG, state.count_B,
-      cooc, temperature=temperature, eps_b=eps_b,
+  n = config.num_token_heads
+
+  def feed(width):
+    return lambda: forward_cached(
+        config, params, state.cache, state.fed_BxN[:, :width],
+        state.fed_len_B, all_heads=True, last_only=True,
+        exact_head1=settings.exact_head1)
+
+  # The chunk is padded to n; when no row emitted more than one token last
+  # pass (always at eps_b = 1, most passes at a high eps_b), feed just that
+  # one: the model's compute per pass then equals AR's (plus the heads).
+  logits_NxBx1xV, cache = jax.lax.cond(jnp.all(state.fed_len_B <= 1),
+                                       feed(1), feed(n))
+  res = sample_with_settings(
+      pass_keys(row_keys_Bx2, state.passes),
+      jnp.swapaxes(logits_NxBx1xV[:, :, 0], 0, 1), state.out_BxG,
+      state.count_B, cooc, n=n, temperature=temperature, eps_b=eps_b,
       repetition_penalty=repetition_penalty, settings=settings)
   active_B = state.count_B < max_new_tokens
   m_B = jnp.where(active_B, res.m_B, 0)

@@ -219,6 +219,13 @@ CASES = [
          "'abc' is not a number"),
     Case("bench-sweep-out-of-range", ["bench", "--sweep", "0,2"],
          "eps_b 2.0 is outside [0, 1]"),
+    Case("bench-unknown-shape", ["bench", "--project-shape", "dynamo-9b"],
+         "unknown suite shape 'dynamo-9b'"),
+    Case("bench-tree-zero", ["bench", "--tree", "0"],
+         "'0' is not a positive integer"),
+    Case("generate-tree-in-dynamo-mode", ["generate", "--prompt", "a",
+                                          "--mode", "dynamo", "--tree", "4"],
+         "tree=4 is a verified-mode option"),
     # --- generate ---
     Case("generate-empty-prompt", ["generate", "--prompt", ""],
          "--prompt is empty"),

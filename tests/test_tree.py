@@ -162,6 +162,7 @@ def test_batched_tree_rows_equal_each_row_alone(t3, rng):
     (dict(mode="verified", tree=-1), "integer >= 0"),
     (dict(mode="verified", tree=10, k_tree=3), "more paths than the grid"),
     (dict(mode="verified", tree=2, k_tree=0), "k_tree must be"),
+    (dict(mode="verified", tree=2, k_tree=212), "k_tree must be an integer in 1..211"),
 ])
 def test_tree_arguments_refused(t3, kw, match):
   config, params = t3

@@ -158,20 +158,20 @@ def _check(config, mode, max_new_tokens, greedy, temperature, eps_b, k,
         f"mode {mode!r} needs a DynaMo model with token heads; this model has "
         "only head 1. Use mode 'ar' (mode='ar' / --mode ar), or add and train "
         "heads (add_heads, python -m dynamo_jax train).")
-  _check_tree(mode, tree, k_tree, config.num_token_heads)
+  _check_tree(mode, tree, k_tree, config.num_token_heads, config.vocab_size)
   _check_cooc(config, mode, cooc, tree)
 
 
-def _check_tree(mode, tree, k_tree, n) -> None:
+def _check_tree(mode, tree, k_tree, n, vocab_size) -> None:
   if not _is_int(tree) or tree < 0:
     raise InputError(f"tree must be an integer >= 0 (candidate paths; 0 "
                      f"verifies one draft chain), got {_show(tree)}.")
   if tree and mode != "verified":
     raise InputError(f"tree={tree} is a verified-mode option (mode='verified'"
                      f" / --mode verified); mode {mode!r} does not use it.")
-  if not _is_int(k_tree) or k_tree < 1:
-    raise InputError(f"k_tree must be a positive integer, got "
-                     f"{_show(k_tree)}.")
+  if not _is_int(k_tree) or not 1 <= k_tree <= vocab_size:
+    raise InputError(f"k_tree must be an integer in 1..{vocab_size} (the "
+                     f"vocabulary), got {_show(k_tree)}.")
   if tree and tree > k_tree ** (n - 1):
     raise InputError(f"tree={tree} asks for more paths than the grid has "
                      f"(k_tree^{n - 1} = {k_tree ** (n - 1)}); lower tree or "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -143,3 +144,14 @@ def t3():
                        intermediate_size=97, num_token_heads=3,
                        max_position_embeddings=128)
   return config, random_params(config)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+  """Drops jax's compiled programs after every test module. Each XLA CPU
+  executable holds ~5 memory mappings until its cache entry goes, and the
+  whole suite compiles enough programs in one process to reach the kernel's
+  vm.max_map_count (65530), where compiling segfaults."""
+  yield
+  jax.clear_caches()
+  gc.collect()

@@ -169,7 +169,7 @@ def _check_tree(mode, tree, k_tree, n, vocab_size) -> None:
   if tree and mode != "verified":
     raise InputError(f"tree={tree} is a verified-mode option (mode='verified'"
                      f" / --mode verified); mode {mode!r} does not use it.")
-  if not _is_int(k_tree) or not 1 <= k_tree <= vocab_size:
+  if not _is_int(k_tree) or k_tree < 1 or (tree and k_tree > vocab_size):
     raise InputError(f"k_tree must be an integer in 1..{vocab_size} (the "
                      f"vocabulary), got {_show(k_tree)}.")
   if tree and tree > k_tree ** (n - 1):

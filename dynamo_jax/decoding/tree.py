@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamo_jax.decoding.ar import not_done, pass_keys
-from dynamo_jax.decoding.dynamo import write_rows
+from dynamo_jax.decoding.verified import emit_accepted
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import (KVCache, Params, forward_cached,
                                      init_cache, unembed)
@@ -207,8 +207,7 @@ def tree_body(config: PythiaConfig, params: Params, state: TreeState,
               greedy: bool, paths: int, k_tree: int,
               alpha: float = 1.0) -> TreeState:
   """One pass: feeds the tree, walks it, keeps the path, proposes anew."""
-  n = config.num_token_heads
-  nd = n - 1
+  nd = config.num_token_heads - 1
   b = state.x_B.shape[0]
   keys_B = pass_keys(row_keys_Bx2, state.passes)
   active_B = state.count_B < max_new_tokens
@@ -230,18 +229,11 @@ def tree_body(config: PythiaConfig, params: Params, state: TreeState,
       unembed(config, params, hidden_NxBxTnxD[1:, rows, node_B]), 0, 1)
   new_paths = propose_paths(next_B, at_node_BxNdxV, cooc, paths=paths,
                             k_tree=k_tree, alpha=alpha)
-  chosen_BxNd = state.paths_BxTcxNd[rows, path_B]
-  emitted_BxN = jnp.where(jnp.arange(n)[None] < j_B[:, None],
-                          jnp.pad(chosen_BxNd, ((0, 0), (0, 1))), 0)
-  emitted_BxN = jnp.where(jnp.arange(n)[None] == j_B[:, None],
-                          next_B[:, None], emitted_BxN)
-  m_B = jnp.where(active_B, j_B + 1, 0)
-  out_BxG = jnp.where(active_B[:, None],
-                      write_rows(state.out_BxG, emitted_BxN, state.count_B),
-                      state.out_BxG)
-  accepted_BxNp = state.accepted_BxNp.at[:, state.passes].set(m_B)
-  return TreeState(cache, out_BxG, state.count_B + m_B, next_B, new_paths,
-                   accepted_BxNp, state.passes + 1)
+  out_BxG, count_B, accepted_BxNp = emit_accepted(
+      state.out_BxG, state.count_B, state.accepted_BxNp, state.passes,
+      state.paths_BxTcxNd[rows, path_B], j_B, next_B, active_B)
+  return TreeState(cache, out_BxG, count_B, next_B, new_paths, accepted_BxNp,
+                   state.passes + 1)
 
 
 @functools.partial(jax.jit, static_argnames=(

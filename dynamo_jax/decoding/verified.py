@@ -127,7 +127,6 @@ def verified_body(config: PythiaConfig, params: Params, state: VerifiedState,
                   row_keys_Bx2, temperature, *, max_new_tokens: int,
                   greedy: bool) -> VerifiedState:
   """One verifying pass: feeds [x, drafts], accepts j drafts, emits j + 1."""
-  n = config.num_token_heads
   cache, out_BxG, count_B, x_B, d_BxNd, q_BxNdxV = state[:6]
   accepted_BxNp, passes = state.accepted_BxNp, state.passes
   keys_B = pass_keys(row_keys_Bx2, passes)
@@ -153,16 +152,26 @@ def verified_body(config: PythiaConfig, params: Params, state: VerifiedState,
       unembed(config, params, hidden_NxBxNxD[1:, rows_B, j_B]), 0, 1)
   d_new_BxNd, q_new_BxNdxV = _propose(at_j_BxNdxV, _sub(keys_B, 3),
                                       temperature, greedy, first=1)
+  out_BxG, count_B, accepted_BxNp = emit_accepted(
+      out_BxG, count_B, accepted_BxNp, passes, d_BxNd, j_B, x_next_B,
+      active_B)
+  return VerifiedState(cache, out_BxG, count_B, x_next_B, d_new_BxNd,
+                       q_new_BxNdxV, accepted_BxNp, passes + 1)
+
+
+def emit_accepted(out_BxG, count_B, accepted_BxNp, passes, drafts_BxNd, j_B,
+                  next_B, active_B):
+  """Appends each active row's j accepted drafts and its next token to
+  out_BxG; returns (out_BxG, count_B, accepted_BxNp) after the pass."""
+  n = drafts_BxNd.shape[1] + 1
   emitted_BxN = jnp.where(jnp.arange(n)[None] < j_B[:, None],
-                          jnp.pad(d_BxNd, ((0, 0), (0, 1))), 0)
+                          jnp.pad(drafts_BxNd, ((0, 0), (0, 1))), 0)
   emitted_BxN = jnp.where(jnp.arange(n)[None] == j_B[:, None],
-                          x_next_B[:, None], emitted_BxN)
+                          next_B[:, None], emitted_BxN)
   m_B = jnp.where(active_B, j_B + 1, 0)
   out_BxG = jnp.where(active_B[:, None],
                       write_rows(out_BxG, emitted_BxN, count_B), out_BxG)
-  accepted_BxNp = accepted_BxNp.at[:, passes].set(m_B)
-  return VerifiedState(cache, out_BxG, count_B + m_B, x_next_B, d_new_BxNd,
-                       q_new_BxNdxV, accepted_BxNp, passes + 1)
+  return out_BxG, count_B + m_B, accepted_BxNp.at[:, passes].set(m_B)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens",

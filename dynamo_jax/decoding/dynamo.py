@@ -166,11 +166,20 @@ def dynamo_body(config: PythiaConfig, params: Params, state: DynamoState,
         state.fed_len_B, all_heads=True, last_only=True,
         exact_head1=settings.exact_head1)
 
-  # The chunk is padded to n; when no row emitted more than one token last
-  # pass (always at eps_b = 1, most passes at a high eps_b), feed just that
-  # one: the model's compute per pass then equals AR's (plus the heads).
-  logits_NxBx1xV, cache = jax.lax.cond(jnp.all(state.fed_len_B <= 1),
-                                       feed(1), feed(n))
+  # The chunk is padded to n. In float32, when no row emitted more than one
+  # token last pass (always at eps_b = 1, most passes at a high eps_b), a
+  # lax.cond feeds just that one: on XLA:CPU, where float32 matmuls are
+  # compute-bound at this size, that saves ~9% of the embedded model's pass.
+  # Not in bfloat16: XLA:CPU computes bf16 matmuls on float32 copies of the
+  # weights, converted once outside the decode loop, but again in every pass
+  # inside a cond's branches (pythia-160m shape, eps_b 1: pass price 1.62
+  # with the cond, 1.26 without; experiments/bench_pass_price.py), and a
+  # memory-bound accelerator reads the same weights for n rows as for one.
+  if jnp.dtype(config.dtype) == jnp.float32:
+    logits_NxBx1xV, cache = jax.lax.cond(jnp.all(state.fed_len_B <= 1),
+                                         feed(1), feed(n))
+  else:
+    logits_NxBx1xV, cache = feed(n)()
   res = sample_with_settings(
       pass_keys(row_keys_Bx2, state.passes),
       jnp.swapaxes(logits_NxBx1xV[:, :, 0], 0, 1), state.out_BxG,

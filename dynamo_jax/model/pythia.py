@@ -24,7 +24,8 @@ import numpy as np
 
 from dynamo_jax.errors import InputError
 from dynamo_jax.model.config import PythiaConfig
-from dynamo_jax.model.layers import DecoderLayer, Embed, LayerNorm, param
+from dynamo_jax.model.layers import (DecoderLayer, Embed, LayerNorm, dense,
+                                     param)
 from dynamo_jax.model.partitioning import constrain
 
 Params = dict[str, Any]
@@ -61,9 +62,9 @@ class Pythia(nn.Module):
   def unembed(self, x_BxTxD):
     """Final layer norm and untied output projection; float32 logits."""
     y_BxTxD = self.final_layer_norm(x_BxTxD)
-    return jnp.einsum("btd,dv->btv", y_BxTxD,
-                      self.embed_out.astype(self.config.dtype),
-                      preferred_element_type=jnp.float32)
+    return dense("btd,dv->btv", y_BxTxD,
+                 self.embed_out.astype(self.config.dtype),
+                 preferred_element_type=jnp.float32)
 
   def hidden_states(self, tokens_BxT, positions_BxT, cache=None, end_B=None,
                     all_heads: bool = False, tree_TxT=None):

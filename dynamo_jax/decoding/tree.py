@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamo_jax.decoding.ar import not_done, pass_keys
+from dynamo_jax.decoding.sampling import draw_from_probs
 from dynamo_jax.decoding.verified import emit_accepted
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import (KVCache, Params, forward_cached,
@@ -106,8 +107,8 @@ def _choose(keys_B, logits_BxV, temperature, greedy: bool):
   """Head 1's token: argmax (first on ties, as AR's) or one draw per row."""
   if greedy:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  scaled_BxV = logits_BxV.astype(jnp.float32) / temperature
-  return jax.vmap(jax.random.categorical)(keys_B, scaled_BxV).astype(jnp.int32)
+  return draw_from_probs(keys_B, jax.nn.softmax(
+      logits_BxV.astype(jnp.float32) / temperature, axis=-1))
 
 
 def _sub(keys_B, i):

@@ -33,15 +33,15 @@ import jax.numpy as jnp
 
 from dynamo_jax.decoding.ar import not_done, pass_keys  # noqa: F401 (re-exported)
 from dynamo_jax.decoding.dynamo import write_rows
+from dynamo_jax.decoding.sampling import draw_from_probs
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import (KVCache, Params, forward_cached,
                                      init_cache, unembed)
 
 
 def _draw(keys_B, probs_BxV):
-  """One categorical draw per row from probabilities (rows sum to 1)."""
-  return jax.vmap(lambda k, p: jax.random.categorical(k, jnp.log(p)))(
-      keys_B, probs_BxV).astype(jnp.int32)
+  """One draw per row from probabilities (rows sum to 1)."""
+  return draw_from_probs(keys_B, probs_BxV)
 
 
 def _sub(keys_B, i):

@@ -3,6 +3,7 @@ path against feeding it as a sequence, greedy against AR, and sampling
 against AR's exact distribution."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -168,3 +169,65 @@ def test_tree_arguments_refused(t3, kw, match):
   config, params = t3
   with pytest.raises(InputError, match=match):
     dynamo_jax.generate(config, params, [[1, 2]], max_new_tokens=4, **kw)
+
+
+def test_sampled_walk_keeps_p_and_uses_residual_matches():
+  """The walk's sampled path 0 (speculative rule) with deterministic paths
+  beside it, on hand-made laws over V = 4, Nd = 2: the first token follows
+  p(. | root), the second p(. | first) among walks that stepped (chi-square
+  against numpy's laws, p-value > 1e-3, 20,000 walks), and rejected drafts
+  do move onto deterministic paths (the branch the chain lacks)."""
+  from scipy import stats
+  v, nd, trials = 4, 2, 20000
+  rng = np.random.default_rng(0)
+  root_p = np.array([0.1, 0.5, 0.15, 0.25])
+  next_p = rng.dirichlet(np.ones(v), size=v)  # p(. | first token)
+  last_p = rng.dirichlet(np.ones(v), size=(v, v))  # p(. | first, second)
+  q = np.stack([np.array([0.6, 0.1, 0.2, 0.1]),  # path 0's laws: far from p
+                np.array([0.25, 0.25, 0.25, 0.25])])
+  keys = jax.random.split(jax.random.PRNGKey(7), trials)
+  drafts = np.stack([
+      np.asarray(jax.vmap(lambda k: jax.random.choice(
+          jax.random.fold_in(k, 500 + i), v, p=q[i]))(keys)) for i in range(nd)],
+      axis=1)
+  fixed = np.array([[1, 0], [3, 2]])  # deterministic paths 1 and 2
+  paths = np.concatenate([drafts[:, None], np.broadcast_to(
+      fixed, (trials, 2, nd))], axis=1).astype(np.int32)
+  temperature = 0.7
+
+  def head1_at(node_B):
+    # Node (c, i) holds paths[c, :i+1]; the root holds nothing.
+    depth_B = jnp.where(node_B == 0, -1, (node_B - 1) % nd)
+    path_B = jnp.maximum(node_B - 1, 0) // nd
+    rows = jnp.arange(trials)
+    first_B = paths_j[rows, path_B, 0]
+    second_B = paths_j[rows, path_B, jnp.minimum(depth_B, nd - 1)]
+    probs = jnp.where((depth_B == -1)[:, None], root_p_j[None],
+                      jnp.where((depth_B == 0)[:, None], next_p_j[first_B],
+                                last_p_j[first_B, second_B]))
+    return jnp.log(probs) * temperature  # softmax(logits / T) = probs
+
+  paths_j = jnp.asarray(paths)
+  root_p_j, next_p_j, last_p_j = (jnp.asarray(a, jnp.float32)
+                                  for a in (root_p, next_p, last_p))
+  j, path, _, nxt = jax.jit(lambda k: tree_lib.walk(
+      head1_at, paths_j, k, temperature, False,
+      jnp.asarray(q[None].repeat(trials, 0), jnp.float32)))(keys)
+  j, path, nxt = (np.asarray(a) for a in (j, path, nxt))
+  chosen = paths[np.arange(trials), path]
+  first = np.where(j >= 1, chosen[:, 0], nxt)
+  pvalue = stats.chisquare(np.bincount(first, minlength=v),
+                           root_p * trials).pvalue
+  assert pvalue > 1e-3, pvalue
+  stepped = j >= 1
+  second = np.where(j >= 2, chosen[:, 1], nxt)
+  for t1 in range(v):
+    sel = stepped & (first == t1)
+    if sel.sum() < 200:
+      continue
+    pvalue = stats.chisquare(np.bincount(second[sel], minlength=v),
+                             next_p[t1] * sel.sum()).pvalue
+    assert pvalue > 1e-3, (t1, pvalue)
+  # Rejected drafts that continued on a deterministic path.
+  rescued = stepped & (path >= 1) & (first != drafts[:, 0])
+  assert rescued.mean() > 0.05, rescued.mean()

@@ -23,8 +23,18 @@ distribution exactly: t_i is drawn from p(. | past) whatever the candidates
 are, which were fixed before the draw; a candidate only saves the pass that
 would have computed the next distribution. (This is the multi-candidate rule
 for candidates chosen deterministically, as top-Tc paths are: the chance of
-a step is p's mass on the live children. Speculative acceptance with
-min(1, p/q), as the chain uses, needs candidates drawn from q instead.)
+a step is p's mass on the live children.)
+
+Sampling: path 0 is instead the chain's draft, d_i drawn from q_i (head
+i + 1 at temperature T), and the walk treats it as the chain does. While
+the walk is on path 0, d_i is accepted with probability min(1, p(d_i) /
+q_i(d_i)); on rejection t_i is drawn from the residual max(0, p - q_i)
+(renormalised), which never holds d_i, and the walk moves to a
+deterministic path that has t_i, if one is live. Either way t_i ~ p, as in
+speculative sampling; once off path 0 every t_i is a plain draw from p. So
+the tree accepts at least what the chain accepts, plus the residual draws
+that land on a deterministic path. Greedy has no sampled path (the chain's
+argmax drafts are the grid's best path anyway).
 
 Candidates: each head 2..n's top-k_tree ids and their softmax over those k
 (temperature 1, ranking only), the product grid over Nd heads, times the
@@ -115,12 +125,49 @@ def _sub(keys_B, i):
   return jax.vmap(lambda k: jax.random.fold_in(k, i))(keys_B)
 
 
-def walk(head1_at, paths_BxTcxNd, keys_B, temperature, greedy: bool):
+def propose(x_B, logits_BxNdxV, keys_B, temperature, cooc, *, greedy: bool,
+            paths: int, k_tree: int, alpha: float = 1.0):
+  """The next tree after root x: (paths int32 [B, Tc, Nd], q float32 [B, Nd,
+  V] or [B, Nd, 0] when greedy). Sampling: path 0 is the chain's draft,
+  d_i drawn from q_i = softmax(head i + 1 / T) with key 100 + i, and paths
+  1.. are the Tc - 1 best of the grid; greedy: the Tc best."""
+  b, nd, _ = logits_BxNdxV.shape
+  if greedy:
+    return (propose_paths(x_B, logits_BxNdxV, cooc, paths=paths,
+                          k_tree=k_tree, alpha=alpha),
+            jnp.zeros((b, nd, 0), jnp.float32))
+  q_BxNdxV = jax.nn.softmax(logits_BxNdxV.astype(jnp.float32) / temperature,
+                            axis=-1)
+  d_BxNd = jnp.stack([draw_from_probs(_sub(keys_B, 100 + i), q_BxNdxV[:, i])
+                      for i in range(nd)], axis=1)
+  paths_BxTcxNd = d_BxNd[:, None]
+  if paths > 1:
+    paths_BxTcxNd = jnp.concatenate(
+        [paths_BxTcxNd, propose_paths(x_B, logits_BxNdxV, cooc,
+                                      paths=paths - 1, k_tree=k_tree,
+                                      alpha=alpha)], axis=1)
+  return paths_BxTcxNd, q_BxNdxV
+
+
+def _residual(p_BxV, q_BxV):
+  """max(0, p - q) renormalised; p itself where nothing is left (p == q)."""
+  residual_BxV = jnp.maximum(p_BxV - q_BxV, 0.0)
+  total_Bx1 = jnp.sum(residual_BxV, axis=-1, keepdims=True)
+  return jnp.where(total_Bx1 > 0,
+                   residual_BxV / jnp.maximum(total_Bx1, 1e-30), p_BxV)
+
+
+def walk(head1_at, paths_BxTcxNd, keys_B, temperature, greedy: bool,
+         q_BxNdxV=None):
   """Verifies the tree: (steps j [B], path c [B], last node [B], next token
   [B]); the emitted tokens are paths[c, :j] and then the next token.
   head1_at(node_B) gives head 1's logits [B, V] at one node per row (the
-  walk needs them at Nd + 1 nodes, not at all Tn)."""
+  walk needs them at Nd + 1 nodes, not at all Tn). q_BxNdxV (sampling
+  only): path 0 was drawn from it, and is verified with the speculative
+  rule (module docstring)."""
   b, tc, nd = paths_BxTcxNd.shape
+  rows = jnp.arange(b)
+  sampled = q_BxNdxV is not None and not greedy
   node_B = jnp.zeros((b,), jnp.int32)
   live_BxTc = jnp.ones((b, tc), bool)
   alive_B = jnp.ones((b,), bool)
@@ -128,8 +175,19 @@ def walk(head1_at, paths_BxTcxNd, keys_B, temperature, greedy: bool):
   path_B = jnp.zeros((b,), jnp.int32)
   next_B = jnp.zeros((b,), jnp.int32)
   for i in range(nd + 1):
-    t_B = _choose(_sub(keys_B, 10 + i), head1_at(node_B), temperature,
-                  greedy)
+    logits_BxV = head1_at(node_B)
+    t_B = _choose(_sub(keys_B, 10 + i), logits_BxV, temperature, greedy)
+    if sampled and i < nd:
+      # Still on the sampled path 0: its draft, or a residual draw.
+      p_BxV = jax.nn.softmax(logits_BxV.astype(jnp.float32) / temperature,
+                             axis=-1)
+      d_B = paths_BxTcxNd[:, 0, i]
+      u_B = jax.vmap(lambda k: jax.random.uniform(k, ()))(
+          _sub(keys_B, 20 + i))
+      ok_B = u_B * q_BxNdxV[rows, i, d_B] < p_BxV[rows, d_B]  # u < p/q
+      other_B = draw_from_probs(_sub(keys_B, 30 + i),
+                                _residual(p_BxV, q_BxNdxV[:, i]))
+      t_B = jnp.where(live_BxTc[:, 0], jnp.where(ok_B, d_B, other_B), t_B)
     if i == nd:
       next_B = jnp.where(alive_B, t_B, next_B)
       break
@@ -172,6 +230,8 @@ class TreeState(NamedTuple):
   count_B: jax.Array         # int32 [B]
   x_B: jax.Array             # int32 [B], head 1's token, the tree's root
   paths_BxTcxNd: jax.Array   # int32 [B, Tc, Nd], the candidates after it
+  q_BxNdxV: jax.Array        # float32 [B, Nd, V] path 0's law ([B, Nd, 0]
+                             # when greedy)
   accepted_BxNp: jax.Array   # int32 [B, max_new_tokens]
   passes: jax.Array          # int32 []
 
@@ -194,13 +254,13 @@ def tree_init(config: PythiaConfig, params: Params, prompt_BxP, row_keys_Bx2,
   keys_B = pass_keys(row_keys_Bx2, 0)
   x_B = _choose(_sub(keys_B, 10), logits_NxBx1xV[0, :, 0], temperature,
                 greedy)
-  paths_BxTcxNd = propose_paths(
-      x_B, jnp.swapaxes(logits_NxBx1xV[1:, :, 0], 0, 1), cooc, paths=paths,
-      k_tree=k_tree, alpha=alpha)
+  paths_BxTcxNd, q_BxNdxV = propose(
+      x_B, jnp.swapaxes(logits_NxBx1xV[1:, :, 0], 0, 1), keys_B, temperature,
+      cooc, greedy=greedy, paths=paths, k_tree=k_tree, alpha=alpha)
   out_BxG = jnp.zeros((b, max_new_tokens + n), jnp.int32).at[:, 0].set(x_B)
   accepted_BxNp = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(1)
   return TreeState(cache, out_BxG, jnp.ones((b,), jnp.int32), x_B,
-                   paths_BxTcxNd, accepted_BxNp, jnp.int32(1))
+                   paths_BxTcxNd, q_BxNdxV, accepted_BxNp, jnp.int32(1))
 
 
 def tree_body(config: PythiaConfig, params: Params, state: TreeState,
@@ -223,18 +283,19 @@ def tree_body(config: PythiaConfig, params: Params, state: TreeState,
   rows = jnp.arange(b)
   j_B, path_B, node_B, next_B = walk(
       lambda node_B: unembed(config, params, hidden_NxBxTnxD[0, rows, node_B]),
-      state.paths_BxTcxNd, keys_B, temperature, greedy)
+      state.paths_BxTcxNd, keys_B, temperature, greedy, state.q_BxNdxV)
   cache = keep_path(cache, end_B, path_B, nd)
   cache["end"] = end_B + jnp.where(active_B, j_B + 1, 0)
   at_node_BxNdxV = jnp.swapaxes(
       unembed(config, params, hidden_NxBxTnxD[1:, rows, node_B]), 0, 1)
-  new_paths = propose_paths(next_B, at_node_BxNdxV, cooc, paths=paths,
-                            k_tree=k_tree, alpha=alpha)
+  new_paths, new_q = propose(next_B, at_node_BxNdxV, keys_B, temperature,
+                             cooc, greedy=greedy, paths=paths, k_tree=k_tree,
+                             alpha=alpha)
   out_BxG, count_B, accepted_BxNp = emit_accepted(
       state.out_BxG, state.count_B, state.accepted_BxNp, state.passes,
       state.paths_BxTcxNd[rows, path_B], j_B, next_B, active_B)
-  return TreeState(cache, out_BxG, count_B, next_B, new_paths, accepted_BxNp,
-                   state.passes + 1)
+  return TreeState(cache, out_BxG, count_B, next_B, new_paths, new_q,
+                   accepted_BxNp, state.passes + 1)
 
 
 @functools.partial(jax.jit, static_argnames=(

@@ -206,7 +206,9 @@ def generate(config: PythiaConfig, params: Params, input_ids, *,
     `SamplerSettings`).
   tree: mode "verified" only; 0 verifies one draft chain, T > 0 a tree of
     the T best draft paths (decoding/tree.py; a cooc table, when given,
-    weights the paths), taken from each head's top `k_tree` ids.
+    weights the paths), taken from each head's top `k_tree` ids; when
+    sampling, path 0 is the chain's sampled draft and the other T - 1 the
+    best paths.
   """
   prep = prepare(config, input_ids, max_new_tokens=max_new_tokens, mode=mode,
                  greedy=greedy, temperature=temperature, eps_b=eps_b,

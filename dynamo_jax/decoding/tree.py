@@ -57,7 +57,7 @@ import numpy as np
 
 from dynamo_jax.decoding.ar import not_done, pass_keys
 from dynamo_jax.decoding.sampling import draw_from_probs
-from dynamo_jax.decoding.verified import emit_accepted
+from dynamo_jax.decoding.verified import emit_accepted, residual
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import (KVCache, Params, forward_cached,
                                      init_cache, unembed)
@@ -149,14 +149,6 @@ def propose(x_B, logits_BxNdxV, keys_B, temperature, cooc, *, greedy: bool,
   return paths_BxTcxNd, q_BxNdxV
 
 
-def _residual(p_BxV, q_BxV):
-  """max(0, p - q) renormalised; p itself where nothing is left (p == q)."""
-  residual_BxV = jnp.maximum(p_BxV - q_BxV, 0.0)
-  total_Bx1 = jnp.sum(residual_BxV, axis=-1, keepdims=True)
-  return jnp.where(total_Bx1 > 0,
-                   residual_BxV / jnp.maximum(total_Bx1, 1e-30), p_BxV)
-
-
 def walk(head1_at, paths_BxTcxNd, keys_B, temperature, greedy: bool,
          q_BxNdxV=None):
   """Verifies the tree: (steps j [B], path c [B], last node [B], next token
@@ -186,7 +178,7 @@ def walk(head1_at, paths_BxTcxNd, keys_B, temperature, greedy: bool,
           _sub(keys_B, 20 + i))
       ok_B = u_B * q_BxNdxV[rows, i, d_B] < p_BxV[rows, d_B]  # u < p/q
       other_B = draw_from_probs(_sub(keys_B, 30 + i),
-                                _residual(p_BxV, q_BxNdxV[:, i]))
+                                residual(p_BxV, q_BxNdxV[:, i]))
       t_B = jnp.where(live_BxTc[:, 0], jnp.where(ok_B, d_B, other_B), t_B)
     if i == nd:
       next_B = jnp.where(alive_B, t_B, next_B)

@@ -83,12 +83,18 @@ def _verify(p_BxNxV, drafts_BxNd, q_BxNdxV, keys_B, greedy):
   p_j_BxV = p_BxNxV[rows, j_B]
   q_next_BxV = jnp.concatenate(
       [q_BxNdxV, jnp.zeros_like(q_BxNdxV[:, :1])], axis=1)[rows, j_B]
-  residual_BxV = jnp.maximum(p_j_BxV - q_next_BxV, 0.0)  # q_next = 0 if all ok
-  total_B = jnp.sum(residual_BxV, axis=-1, keepdims=True)
-  # p == q exactly leaves no residual; then any draw from p is exact.
-  residual_BxV = jnp.where(total_B > 0, residual_BxV / jnp.maximum(total_B, 1e-30),
-                           p_j_BxV)
-  return j_B, _draw(_sub(keys_B, 2), residual_BxV)
+  # q_next = 0 when every draft passed: the residual is then p itself.
+  return j_B, _draw(_sub(keys_B, 2), residual(p_j_BxV, q_next_BxV))
+
+
+def residual(p_BxV, q_BxV):
+  """The law a rejected draft is replaced from: max(0, p - q) renormalised;
+  p itself where nothing is left (p == q exactly, when any draw from p is
+  exact)."""
+  residual_BxV = jnp.maximum(p_BxV - q_BxV, 0.0)
+  total_Bx1 = jnp.sum(residual_BxV, axis=-1, keepdims=True)
+  return jnp.where(total_Bx1 > 0,
+                   residual_BxV / jnp.maximum(total_Bx1, 1e-30), p_BxV)
 
 
 class VerifiedState(NamedTuple):

@@ -31,6 +31,24 @@ def test_eps_b_one_is_ar(t3, rng):
   np.testing.assert_array_equal(greedy.tokens, ar_greedy.tokens)
 
 
+def test_eps_b_one_is_ar_in_bfloat16(t3, rng):
+  """bf16 DynaMo feeds the n-padded chunk (no one-token cond; dynamo_body)
+  and one-row products take two rows on CPU (layers.dense): eps_b 1 must
+  still draw AR's tokens, sampled and greedy, with the exact head 1."""
+  config, params = t3
+  config = config.replace(dtype="bfloat16", param_dtype="bfloat16")
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  prompt = rng.randint(0, 211, size=(2, 5))
+  # Batch 1 (one-row products: the two-row path on CPU) and batch 2.
+  for rows in (prompt[:1], prompt[1:], prompt):
+    for greedy in (False, True):
+      kw = dict(max_new_tokens=16, seed=list(range(len(rows))), greedy=greedy)
+      ar = dynamo_jax.generate(config, params, rows, **kw)
+      dyn = dynamo_jax.generate(config, params, rows, mode="dynamo",
+                                eps_b=1.0, **kw)
+      np.testing.assert_array_equal(dyn.tokens, ar.tokens)
+
+
 def test_eps_b_zero_emits_n_every_pass(t3, rng):
   config, params = t3
   out = dynamo_jax.generate(config, params, rng.randint(0, 211, size=(2, 4)),

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamo_jax.decoding.sampling import draw_from_probs
+from dynamo_jax.decoding.sampling import draw_from_probs, invert_cdf
 
 _draw = jax.jit(draw_from_probs)
 
@@ -31,13 +31,18 @@ def test_each_draw_is_numpy_inverse_cdf():
     assert probs[row, got[row]] > 0
 
 
-def test_never_a_zero_probability_token_at_the_top_of_the_cdf():
-  """u * total rounded up to the total must not step past the last token
-  with positive probability into trailing zeros."""
-  probs = np.zeros((1, 8), np.float32)
-  probs[0, 2] = 1.0
-  for key in _keys(200, seed=3):
-    assert int(_draw(key[None], jnp.asarray(probs))[0]) == 2
+def test_invert_cdf_ends_never_land_on_zeros():
+  """u = 0 and u = 1 (u * total reaching the total) pick the first and the
+  last token of positive probability, past leading and trailing zeros."""
+  probs = jnp.asarray([[0.0, 0.0, 0.5, 0.0, 0.5, 0.0, 0.0],
+                       [0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+  got = jax.jit(invert_cdf)(jnp.asarray([0.0, 0.0]), probs)
+  np.testing.assert_array_equal(np.asarray(got), [2, 1])
+  got = jax.jit(invert_cdf)(jnp.asarray([1.0, 1.0]), probs)
+  np.testing.assert_array_equal(np.asarray(got), [4, 6])
+  # Just below the boundary between tokens 2 and 4 of row 0.
+  got = jax.jit(invert_cdf)(jnp.asarray([0.4999, 0.74]), probs)
+  np.testing.assert_array_equal(np.asarray(got), [2, 1])
 
 
 def test_draws_follow_p_chi_square():

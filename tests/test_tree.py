@@ -174,9 +174,10 @@ def test_tree_arguments_refused(t3, kw, match):
 def test_sampled_walk_keeps_p_and_uses_residual_matches():
   """The walk's sampled path 0 (speculative rule) with deterministic paths
   beside it, on hand-made laws over V = 4, Nd = 2: the first token follows
-  p(. | root), the second p(. | first) among walks that stepped (chi-square
-  against numpy's laws, p-value > 1e-3, 20,000 walks), and rejected drafts
-  do move onto deterministic paths (the branch the chain lacks)."""
+  p(. | root), the second p(. | first) among walks that stepped, the third
+  p(. | first, second) among walks that took both steps (chi-square against
+  numpy's laws, p-value > 1e-3, 20,000 walks), and rejected drafts do move
+  onto deterministic paths (the branch the chain lacks)."""
   from scipy import stats
   v, nd, trials = 4, 2, 20000
   rng = np.random.default_rng(0)
@@ -228,6 +229,17 @@ def test_sampled_walk_keeps_p_and_uses_residual_matches():
     pvalue = stats.chisquare(np.bincount(second[sel], minlength=v),
                              next_p[t1] * sel.sum()).pvalue
     assert pvalue > 1e-3, (t1, pvalue)
+  # The last token, drawn at depth Nd after both steps were taken.
+  full = j == nd
+  for t1 in range(v):
+    for t2 in range(v):
+      sel = full & (first == t1) & (second == t2)
+      if sel.sum() < 200:
+        continue
+      pvalue = stats.chisquare(np.bincount(nxt[sel], minlength=v),
+                               last_p[t1, t2] * sel.sum()).pvalue
+      assert pvalue > 1e-3, (t1, t2, pvalue)
+  assert full.mean() > 0.05
   # Rejected drafts that continued on a deterministic path.
   rescued = stepped & (path >= 1) & (first != drafts[:, 0])
   assert rescued.mean() > 0.05, rescued.mean()

@@ -170,12 +170,14 @@ def dynamo_body(config: PythiaConfig, params: Params, state: DynamoState,
   # token last pass (always at eps_b = 1, most passes at a high eps_b), a
   # lax.cond feeds just that one: on XLA:CPU, where float32 matmuls are
   # compute-bound at this size, that saves ~9% of the embedded model's pass.
-  # Not in bfloat16: XLA:CPU computes bf16 matmuls on float32 copies of the
-  # weights, converted once outside the decode loop, but again in every pass
-  # inside a cond's branches (pythia-160m shape, eps_b 1: pass price 1.62
-  # with the cond, 1.26 without; experiments/bench_pass_price.py), and a
+  # Not with 16-bit compute or weights: XLA:CPU computes bf16 matmuls on
+  # float32 copies of the weights (and a float32 model casts 16-bit ones),
+  # converted once outside the decode loop but again in every pass inside a
+  # cond's branches (pythia-160m shape, bf16, eps_b 1: pass price 1.62 with
+  # the cond, 1.26 without; experiments/bench_pass_price.py); and a
   # memory-bound accelerator reads the same weights for n rows as for one.
-  if jnp.dtype(config.dtype) == jnp.float32:
+  if (jnp.dtype(config.dtype) == jnp.float32
+      and jnp.dtype(config.param_dtype) == jnp.float32):
     logits_NxBx1xV, cache = jax.lax.cond(jnp.all(state.fed_len_B <= 1),
                                          feed(1), feed(n))
   else:

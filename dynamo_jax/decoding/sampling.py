@@ -29,20 +29,30 @@ def sample_tokens(keys_Bx2: jax.Array, logits_BxV: jax.Array, *, greedy: bool,
   return jax.vmap(jax.random.categorical)(keys_Bx2, scaled_BxV).astype(jnp.int32)
 
 
+def invert_cdf(u_B, probs_BxV: jax.Array) -> jax.Array:
+  """int32 [B]: per row, the first token whose cumulative probability
+  exceeds u * total (u in [0, 1]), among tokens of positive probability
+  only, so a rounding dip in the cumulative sum cannot pick a zero; the
+  last positive token when u * total reaches the total."""
+  probs_BxV = probs_BxV.astype(jnp.float32)
+  cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
+  target_Bx1 = (u_B * cdf_BxV[:, -1])[:, None]
+  hit_BxV = (cdf_BxV > target_Bx1) & (probs_BxV > 0)
+  v = probs_BxV.shape[-1]
+  last_B = v - 1 - jnp.argmax(probs_BxV[:, ::-1] > 0, axis=-1)
+  return jnp.where(jnp.any(hit_BxV, axis=-1), jnp.argmax(hit_BxV, axis=-1),
+                   last_B).astype(jnp.int32)
+
+
 def draw_from_probs(keys_B, probs_BxV: jax.Array) -> jax.Array:
   """int32 [B]: one draw per row from probabilities [B, V] (rows need not
-  sum to 1; each needs some positive entry), by inverting the cumulative
-  sum at u * total with u = uniform(key). The same law as
-  `jax.random.categorical(key, log p)`, not the same draws: that one needs
-  V random numbers and two logarithms each (a Gumbel per entry), ~0.2 ms a
-  draw on XLA:CPU at V = 4096, against ~0.04 ms for one uniform and a
-  cumulative sum. A token of probability 0 is never drawn."""
-  probs_BxV = probs_BxV.astype(jnp.float32)
-  v = probs_BxV.shape[-1]
-  cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
-  u_B = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys_B) * cdf_BxV[:, -1]
-  # The first index whose cumulative sum exceeds u: its probability is > 0.
-  idx_B = jnp.sum((cdf_BxV <= u_B[:, None]).astype(jnp.int32), axis=-1)
-  # u rounded up to the total: the last token with positive probability.
-  last_B = v - 1 - jnp.argmax(probs_BxV[:, ::-1] > 0, axis=-1)
-  return jnp.minimum(idx_B, last_B).astype(jnp.int32)
+  sum to 1; each needs some positive entry): `invert_cdf` at u =
+  uniform(key). The same law as `jax.random.categorical(key, log p)` up to
+  float32 resolution (u has 23 random bits and the cumulative sum rounds,
+  so a token below ~1e-7 of the total is drawn less often than its share;
+  the Gumbel draw has its own float32 limits), not the same draws: that one
+  needs V random numbers and two logarithms each, ~0.2 ms a draw on XLA:CPU
+  at V = 4096, against ~0.04 ms for one uniform and a cumulative sum. A
+  token of probability 0 is never drawn."""
+  u_B = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys_B)
+  return invert_cdf(u_B, probs_BxV)

@@ -33,8 +33,8 @@ q_i(d_i)); on rejection t_i is drawn from the residual max(0, p - q_i)
 deterministic path that has t_i, if one is live. Either way t_i ~ p, as in
 speculative sampling; once off path 0 every t_i is a plain draw from p. So
 the tree accepts at least what the chain accepts, plus the residual draws
-that land on a deterministic path. Greedy has no sampled path (the chain's
-argmax drafts are the grid's best path anyway).
+that land on a deterministic path. Greedy has no sampled path (without a
+table the chain's argmax drafts are the grid's best path anyway).
 
 Candidates: each head 2..n's top-k_tree ids and their softmax over those k
 (temperature 1, ranking only), the product grid over Nd heads, times the

@@ -57,7 +57,8 @@ import numpy as np
 
 from dynamo_jax.decoding.ar import not_done, pass_keys
 from dynamo_jax.decoding.sampling import draw_from_probs
-from dynamo_jax.decoding.verified import emit_accepted, residual
+from dynamo_jax.decoding.verified import (emit_accepted, propose_drafts,
+                                         residual)
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.pythia import (KVCache, Params, forward_cached,
                                      init_cache, unembed)
@@ -113,12 +114,15 @@ def propose_paths(x_B, logits_BxNdxV, cooc, *, paths: int, k_tree: int,
                                  b, paths, nd)
 
 
+def _probs(logits_BxV, temperature):
+  return jax.nn.softmax(logits_BxV.astype(jnp.float32) / temperature, axis=-1)
+
+
 def _choose(keys_B, logits_BxV, temperature, greedy: bool):
   """Head 1's token: argmax (first on ties, as AR's) or one draw per row."""
   if greedy:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  return draw_from_probs(keys_B, jax.nn.softmax(
-      logits_BxV.astype(jnp.float32) / temperature, axis=-1))
+  return draw_from_probs(keys_B, _probs(logits_BxV, temperature))
 
 
 def _sub(keys_B, i):
@@ -136,10 +140,8 @@ def propose(x_B, logits_BxNdxV, keys_B, temperature, cooc, *, greedy: bool,
     return (propose_paths(x_B, logits_BxNdxV, cooc, paths=paths,
                           k_tree=k_tree, alpha=alpha),
             jnp.zeros((b, nd, 0), jnp.float32))
-  q_BxNdxV = jax.nn.softmax(logits_BxNdxV.astype(jnp.float32) / temperature,
-                            axis=-1)
-  d_BxNd = jnp.stack([draw_from_probs(_sub(keys_B, 100 + i), q_BxNdxV[:, i])
-                      for i in range(nd)], axis=1)
+  d_BxNd, q_BxNdxV = propose_drafts(logits_BxNdxV.astype(jnp.float32),
+                                    keys_B, temperature, greedy=False)
   paths_BxTcxNd = d_BxNd[:, None]
   if paths > 1:
     paths_BxTcxNd = jnp.concatenate(
@@ -168,11 +170,13 @@ def walk(head1_at, paths_BxTcxNd, keys_B, temperature, greedy: bool,
   next_B = jnp.zeros((b,), jnp.int32)
   for i in range(nd + 1):
     logits_BxV = head1_at(node_B)
-    t_B = _choose(_sub(keys_B, 10 + i), logits_BxV, temperature, greedy)
+    if greedy:  # as _choose
+      t_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    else:
+      p_BxV = _probs(logits_BxV, temperature)
+      t_B = draw_from_probs(_sub(keys_B, 10 + i), p_BxV)
     if sampled and i < nd:
       # Still on the sampled path 0: its draft, or a residual draw.
-      p_BxV = jax.nn.softmax(logits_BxV.astype(jnp.float32) / temperature,
-                             axis=-1)
       d_B = paths_BxTcxNd[:, 0, i]
       u_B = jax.vmap(lambda k: jax.random.uniform(k, ()))(
           _sub(keys_B, 20 + i))

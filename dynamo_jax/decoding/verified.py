@@ -39,16 +39,11 @@ from dynamo_jax.model.pythia import (KVCache, Params, forward_cached,
                                      init_cache, unembed)
 
 
-def _draw(keys_B, probs_BxV):
-  """One draw per row from probabilities (rows sum to 1)."""
-  return draw_from_probs(keys_B, probs_BxV)
-
-
 def _sub(keys_B, i):
   return jax.vmap(lambda k: jax.random.fold_in(k, i))(keys_B)
 
 
-def _propose(logits_BxNxV, keys_B, temperature, greedy, first: int = 0):
+def propose_drafts(logits_BxNxV, keys_B, temperature, greedy, first: int = 0):
   """Tokens from heads first+1..n (x from head 1, then drafts d_1..d_{n-1}
   from heads 2..n) and their distributions [B, heads, V]; logits_BxNxV
   holds those heads only. Head i always draws with key 100 + i - 1."""
@@ -57,9 +52,9 @@ def _propose(logits_BxNxV, keys_B, temperature, greedy, first: int = 0):
     tokens_BxN = jnp.argmax(logits_BxNxV, axis=-1).astype(jnp.int32)
   else:
     heads = logits_BxNxV.shape[1]
-    tokens_BxN = jnp.stack([_draw(_sub(keys_B, 100 + first + i),
-                                  probs_BxNxV[:, i]) for i in range(heads)],
-                           axis=1)
+    tokens_BxN = jnp.stack(
+        [draw_from_probs(_sub(keys_B, 100 + first + i), probs_BxNxV[:, i])
+         for i in range(heads)], axis=1)
   return tokens_BxN, probs_BxNxV
 
 
@@ -84,7 +79,7 @@ def _verify(p_BxNxV, drafts_BxNd, q_BxNdxV, keys_B, greedy):
   q_next_BxV = jnp.concatenate(
       [q_BxNdxV, jnp.zeros_like(q_BxNdxV[:, :1])], axis=1)[rows, j_B]
   # q_next = 0 when every draft passed: the residual is then p itself.
-  return j_B, _draw(_sub(keys_B, 2), residual(p_j_BxV, q_next_BxV))
+  return j_B, draw_from_probs(_sub(keys_B, 2), residual(p_j_BxV, q_next_BxV))
 
 
 def residual(p_BxV, q_BxV):
@@ -119,7 +114,7 @@ def verified_init(config: PythiaConfig, params: Params, prompt_BxP,
   cache = init_cache(config, b, p + max_new_tokens + n, all_heads=True)
   logits_NxBx1xV, cache = forward_cached(config, params, cache, prompt_BxP,
                                          all_heads=True, last_only=True)
-  tokens_BxN, probs_BxNxV = _propose(
+  tokens_BxN, probs_BxNxV = propose_drafts(
       jnp.swapaxes(logits_NxBx1xV[:, :, 0], 0, 1), pass_keys(row_keys_Bx2, 0),
       temperature, greedy)
   x_B, d_BxNd, q_BxNdxV = tokens_BxN[:, 0], tokens_BxN[:, 1:], probs_BxNxV[:, 1:]
@@ -156,7 +151,7 @@ def verified_body(config: PythiaConfig, params: Params, state: VerifiedState,
   rows_B = jnp.arange(j_B.shape[0])
   at_j_BxNdxV = jnp.swapaxes(
       unembed(config, params, hidden_NxBxNxD[1:, rows_B, j_B]), 0, 1)
-  d_new_BxNd, q_new_BxNdxV = _propose(at_j_BxNdxV, _sub(keys_B, 3),
+  d_new_BxNd, q_new_BxNdxV = propose_drafts(at_j_BxNdxV, _sub(keys_B, 3),
                                       temperature, greedy, first=1)
   out_BxG, count_B, accepted_BxNp = emit_accepted(
       out_BxG, count_B, accepted_BxNp, passes, d_BxNd, j_B, x_next_B,

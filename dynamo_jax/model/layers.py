@@ -9,7 +9,6 @@ defined in `dynamo_jax.model.config`.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn

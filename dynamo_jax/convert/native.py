@@ -56,6 +56,11 @@ def _key(path) -> str:
 def _write(directory: str, config: PythiaConfig, specs, tensors,
            progress=None) -> None:
   """Writes the config, the params (streamed from `tensors`) and checksums."""
+  if config.weight_layout != "standard":
+    raise CheckpointError(
+        f"these parameters are in the {config.weight_layout!r} layout (a "
+        "decode-time copy from cpu_matmul.pack_params); save the model "
+        "loaded before packing.")
   with open(os.path.join(directory, CONFIG_FILE), "w") as fh:
     json.dump({"format": "dynamo_jax", "format_version": FORMAT_VERSION,
                "model": config.to_dict()}, fh, indent=2)

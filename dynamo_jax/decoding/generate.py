@@ -118,6 +118,9 @@ def _check_cooc(config, mode, cooc, tree) -> None:
 def _check(config, mode, max_new_tokens, greedy, temperature, eps_b, k,
            cooc, kernel, flags, alpha, repetition_penalty, tree=0, k_tree=8):
   """Checks every decoding argument before anything is traced."""
+  if config.weight_layout == "panels":
+    from dynamo_jax.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
+    cpu_matmul.check_backend()
   if not isinstance(mode, str) or mode not in MODES:
     raise InputError(f"mode {_show(mode)} unknown; available: {MODES}.")
   if not isinstance(kernel, str) or kernel not in KERNELS:

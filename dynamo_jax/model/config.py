@@ -34,6 +34,7 @@ _ACTIVATIONS = {
 }
 DTYPES = ("float32", "bfloat16", "float16")
 HEAD_INPUTS = ("stem", "last")
+WEIGHT_LAYOUTS = ("standard", "panels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,10 @@ class PythiaConfig:
   # design) or "last" (output of layer L, the paper's ablation).
   num_token_heads: int = 1
   head_input: str = "stem"
+  # How the layer and unembedding weights are stored: "standard" (as
+  # declared) or "panels" (decode-time copy for the native CPU matmul, made
+  # by dynamo_jax.kernels.cpu_matmul.pack_params; never saved).
+  weight_layout: str = "standard"
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
@@ -104,6 +109,9 @@ class PythiaConfig:
     if self.head_input not in HEAD_INPUTS:
       raise ConfigError(f"head_input must be 'stem' or 'last', got "
                         f"{self.head_input!r}.")
+    if self.weight_layout not in WEIGHT_LAYOUTS:
+      raise ConfigError(f"weight_layout must be one of {WEIGHT_LAYOUTS}, got "
+                        f"{self.weight_layout!r}.")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ConfigError(f"{name} must be one of {DTYPES}, got "

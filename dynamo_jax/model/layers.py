@@ -21,9 +21,12 @@ from dynamo_jax.model.partitioning import constrain
 Cache = dict[str, jax.Array]  # {"k": [B,S,H,Dh], "v": [B,S,H,Dh]}
 
 
-def dense(spec: str, x, w, **kwargs):
+def dense(spec: str, x, w, layout: str = "standard", **kwargs):
   """`jnp.einsum(spec, x, w)` for an activation x [B, T, ...] and a weight
   w, giving [B, T, ...] (spec starts "bt" for x and for the output).
+
+  layout "panels": w is in the native CPU kernel's layout and the product is
+  that kernel's (dynamo_jax.kernels.cpu_matmul; float32).
 
   On CPU, XLA computes a bfloat16 product whose activation has a single row
   (a batch-1 decode step) with a matrix-vector loop that first converts the
@@ -36,6 +39,9 @@ def dense(spec: str, x, w, **kwargs):
   included, get the plain einsum). The result may differ from the one-row
   path in the last bits (float32 sums in another order).
   """
+  if layout == "panels":
+    from dynamo_jax.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
+    return cpu_matmul.dense_panels(spec, x, w)
   out = functools.partial(jnp.einsum, spec, **kwargs)
   if x.shape[:2] != (1, 1) or x.dtype != jnp.bfloat16:
     return out(x, w)
@@ -157,7 +163,8 @@ class Attention(nn.Module):
                   cfg.param_dtype)
 
     qkv_BxTxHx3xDh = dense("btd,dhck->bthck", x_BxTxD,
-                           w_qkv.astype(cfg.dtype)) + b_qkv.astype(cfg.dtype)
+                           w_qkv.astype(cfg.dtype), cfg.weight_layout)
+    qkv_BxTxHx3xDh = qkv_BxTxHx3xDh + b_qkv.astype(cfg.dtype)
     q_BxTxHxDh, k_BxTxHxDh, v_BxTxHxDh = (qkv_BxTxHx3xDh[:, :, :, i]
                                        for i in range(3))
     cos, sin = rotary_cos_sin(cfg, positions_BxT)
@@ -191,7 +198,8 @@ class Attention(nn.Module):
     out_BxTxHxDh = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS,
                              values_BxSxHxDh.astype(cfg.dtype))
     y_BxTxD = dense("bthk,hkd->btd", out_BxTxHxDh,
-                    w_out.astype(cfg.dtype)) + b_out.astype(cfg.dtype)
+                    w_out.astype(cfg.dtype),
+                    cfg.weight_layout) + b_out.astype(cfg.dtype)
     return y_BxTxD, new_cache
 
 
@@ -211,11 +219,12 @@ class Mlp(nn.Module):
                   cfg.param_dtype)
     b_out = param(self, "out_bias", (d,), ("embed",), nn.initializers.zeros,
                   cfg.param_dtype)
-    h_BxTxF = (dense("btd,df->btf", x_BxTxD, w_in.astype(cfg.dtype))
+    h_BxTxF = (dense("btd,df->btf", x_BxTxD, w_in.astype(cfg.dtype),
+                     cfg.weight_layout)
                + b_in.astype(cfg.dtype))
     h_BxTxF = jax.nn.gelu(h_BxTxF, approximate=cfg.hidden_act == "gelu_tanh")
-    return dense("btf,fd->btd", h_BxTxF,
-                 w_out.astype(cfg.dtype)) + b_out.astype(cfg.dtype)
+    return dense("btf,fd->btd", h_BxTxF, w_out.astype(cfg.dtype),
+                 cfg.weight_layout) + b_out.astype(cfg.dtype)
 
 
 class DecoderLayer(nn.Module):

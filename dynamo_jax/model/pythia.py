@@ -64,6 +64,7 @@ class Pythia(nn.Module):
     y_BxTxD = self.final_layer_norm(x_BxTxD)
     return dense("btd,dv->btv", y_BxTxD,
                  self.embed_out.astype(self.config.dtype),
+                 self.config.weight_layout,
                  preferred_element_type=jnp.float32)
 
   def hidden_states(self, tokens_BxT, positions_BxT, cache=None, end_B=None,

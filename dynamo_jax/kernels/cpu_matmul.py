@@ -1,0 +1,242 @@
+"""A native few-row matmul for decoding on CPU, chosen explicitly.
+
+  pack_params(config, params) -> (config, params): the decode-time copy of a
+      float32 model whose layer and unembedding weights are in the panel
+      layout (`config.weight_layout == "panels"`); `generate` and every
+      decoder take the pair as they take the plain one.
+  rows_matmul(x_RxK, w_packed_KxN) -> [R, N]: the product, by the C++ kernel
+      (`cpu_rows.cc`, an XLA FFI custom call).
+  rows_matmul_reference(x_RxK, w_packed_KxN): the same product in jnp, by
+      unpacking the weight: the kernel's reference in the tests.
+  pack(w_KxN) / unpack(w_packed_KxN): the layout and its inverse.
+
+Why it exists (measured on a 2-core AMD EPYC VM, jax 0.10.2): XLA:CPU
+computes a one-row product with a matrix-vector loop and a product of 2..17
+rows with a library matmul that costs 2-3x as much per weight inside the
+decode loop. A pass that feeds 3 tokens (the verified chain, DynaMo after a
+multi-token step) then costs about twice an AR pass although both read the
+same weights. The kernel reads each weight once, as one sequential stream,
+for up to 8 rows at a time, split by columns between XLA:CPU's threads
+(`experiments/bench_rows_matmul.py` measures it).
+
+The kernel is compiled on first use from the package's own source with the
+machine's C++ compiler ($CXX, else g++), for this CPU (-march=native), into
+$DYNAMO_JAX_CACHE (default ~/.cache/dynamo_jax)/native, keyed by the source,
+the compiler's version, the flags and the CPU. No compiler, a failed build
+or a non-CPU backend is an error that says so; nothing falls back to XLA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from importlib import resources
+from pathlib import Path
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynamo_jax import fileio
+from dynamo_jax.errors import DynamoError
+
+LANES = 32  # columns per panel (cpu_rows.cc: kLanes)
+TARGET = "dynamo_rows_matmul"
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17",
+          "-shared", "-fPIC", "-w")
+# Weights in the panel layout, by parameter name: how many leading axes of
+# the weight are contracted (the K axes; the rest are the N axes). The dense
+# specs in model/layers.py and model/pythia.py contract exactly these.
+_PACKED = {("qkv_kernel", 4): 1, ("out_kernel", 3): 2, ("in_kernel", 2): 1,
+           ("out_kernel", 2): 1, ("embed_out", 2): 1}
+
+_lock = threading.Lock()
+_registered = False
+
+
+class NativeKernelError(DynamoError):
+  """The native CPU kernel cannot be built or used here."""
+
+
+def cache_dir() -> Path:
+  root = os.environ.get("DYNAMO_JAX_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "dynamo_jax")
+  return Path(root) / "native"
+
+
+def _cpu_id() -> str:
+  """The CPU's model and feature flags (-march=native builds for them)."""
+  try:
+    with open("/proc/cpuinfo") as fh:
+      lines = [l for l in fh if l.startswith(("model name", "flags"))]
+    return "".join(sorted(set(lines)))
+  except OSError:
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> tuple[str, str]:
+  cxx = os.environ.get("CXX") or "g++"
+  path = shutil.which(cxx)
+  if path is None:
+    raise NativeKernelError(
+        f"the native CPU matmul is compiled on first use with a C++ compiler,"
+        f" and {cxx!r} was not found; install one (Debian/Ubuntu: apt install"
+        " g++) or set CXX, or decode without it (the default XLA matmul).")
+  try:
+    version = subprocess.run([path, "--version"], capture_output=True,
+                             text=True, timeout=60).stdout.splitlines()[:1]
+  except (OSError, subprocess.SubprocessError) as e:
+    raise NativeKernelError(f"the C++ compiler {path} does not run ({e}); "
+                            "fix it or set CXX to another one.") from None
+  return path, "".join(version)
+
+
+def build() -> Path:
+  """The compiled kernel library (built now if not in the cache)."""
+  source = resources.files("dynamo_jax.kernels").joinpath("cpu_rows.cc")
+  code = source.read_bytes()
+  cxx, version = _compiler()
+  include = jax.ffi.include_dir()
+  key = hashlib.sha256("\0".join(
+      [code.decode(), version, " ".join(_FLAGS), _cpu_id(), jax.__version__,
+       platform.machine()]).encode()).hexdigest()[:16]
+  out = cache_dir() / f"cpu_rows-{key}.so"
+  if out.exists():
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fileio.remove_stale(str(out.parent), out.name)
+  tmp = out.parent / f"{fileio.temp_prefix(out.name)}so"
+  with resources.as_file(source) as src:
+    done = subprocess.run([cxx, *_FLAGS, f"-I{include}", str(src), "-o",
+                           str(tmp)], capture_output=True, text=True,
+                          timeout=600)
+  if done.returncode:
+    tmp.unlink(missing_ok=True)
+    tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+    raise NativeKernelError(
+        f"compiling the native CPU matmul ({source}) with {cxx} failed: "
+        f"{tail}")
+  os.replace(tmp, out)  # atomic: a reader sees no library or the whole one
+  return out
+
+
+def register() -> None:
+  """Builds (once per machine) and registers the kernel with XLA:CPU."""
+  global _registered
+  with _lock:
+    if _registered:
+      return
+    path = build()
+    try:
+      lib = ctypes.cdll.LoadLibrary(str(path))
+    except OSError as e:
+      raise NativeKernelError(
+          f"the native CPU matmul {path} does not load ({e}); delete it to "
+          "rebuild it.") from None
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.DynamoRowsMatmul),
+                                platform="cpu")
+    _registered = True
+
+
+def check_backend() -> None:
+  backend = jax.default_backend()
+  if backend != "cpu":
+    raise NativeKernelError(
+        f"the native matmul (weight_layout 'panels') is a CPU kernel, and "
+        f"this process computes on {backend!r}; decode with the plain "
+        "parameters there (XLA's matmuls).")
+
+
+# ---- the layout ------------------------------------------------------------
+
+def pack(w_KxN):
+  """A [K, N] weight in the panel layout (cpu_rows.cc), same shape and dtype."""
+  k, n = w_KxN.shape
+  np_ = n - n % LANES
+  panels = w_KxN[:, :np_].reshape(k, np_ // LANES, LANES).transpose(1, 0, 2)
+  flat = jnp.concatenate([panels.reshape(-1), w_KxN[:, np_:].reshape(-1)])
+  return flat.reshape(k, n)
+
+
+def unpack(w_packed_KxN):
+  """The inverse of `pack`."""
+  k, n = w_packed_KxN.shape
+  np_ = n - n % LANES
+  flat = w_packed_KxN.reshape(-1)
+  panels = flat[:k * np_].reshape(np_ // LANES, k, LANES).transpose(1, 0, 2)
+  return jnp.concatenate([panels.reshape(k, np_),
+                          flat[k * np_:].reshape(k, n - np_)], axis=1)
+
+
+def rows_matmul(x_RxK, w_packed_KxN):
+  """x [R, K] float32 times a packed [K, N] float32 weight, by the kernel."""
+  register()
+  r, n = x_RxK.shape[0], w_packed_KxN.shape[1]
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((r, n), jnp.float32),
+                          vmap_method="sequential")
+  return call(x_RxK, w_packed_KxN)
+
+
+def rows_matmul_reference(x_RxK, w_packed_KxN):
+  return jnp.matmul(x_RxK, unpack(w_packed_KxN),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def dense_panels(spec: str, x, w):
+  """`jnp.einsum(spec, x, w)` for a weight in the panel layout: the spec's
+  contracted axes lead w (as in every dense of the model)."""
+  inputs, out = spec.replace(" ", "").split("->")
+  xs, ws = inputs.split(",")
+  contracted = "".join(c for c in ws if c in xs)
+  if (not xs.startswith("bt") or ws[:len(contracted)] != contracted
+      or xs[2:] != contracted or out != "bt" + ws[len(contracted):]):
+    raise ValueError(f"dense spec {spec!r} does not contract w's leading axes")
+  kdim = int(np.prod(w.shape[:len(contracted)]))
+  ndim = int(np.prod(w.shape[len(contracted):]))
+  b, t = x.shape[:2]
+  y = rows_matmul(x.reshape(b * t, kdim).astype(jnp.float32),
+                  w.reshape(kdim, ndim))
+  return y.reshape(b, t, *w.shape[len(contracted):])
+
+
+def pack_params(config, params):
+  """(config with weight_layout "panels", params with every dense weight
+  packed): the model then multiplies by the native kernel. float32 models
+  only; decode-time only (the kernel has no gradient)."""
+  check_backend()
+  if config.weight_layout != "standard":
+    raise NativeKernelError("these parameters are already packed "
+                            f"(weight_layout {config.weight_layout!r}).")
+  if config.dtype != "float32" or config.param_dtype != "float32":
+    raise NativeKernelError(
+        f"the native CPU matmul multiplies float32 weights; this model has "
+        f"dtype {config.dtype} / param_dtype {config.param_dtype}. Load it "
+        "in float32 or decode with XLA's matmuls.")
+  register()
+
+  def visit(tree):
+    out = {}
+    for name, value in tree.items():
+      if isinstance(value, Mapping):
+        out[name] = visit(value)
+        continue
+      lead = _PACKED.get((name, np.ndim(value)))
+      if lead is None:
+        out[name] = value
+        continue
+      shape = np.shape(value)
+      k = int(np.prod(shape[:lead]))
+      out[name] = _pack_jit(jnp.asarray(value).reshape(k, -1)).reshape(shape)
+    return out
+
+  packed = visit(params)
+  return config.replace(weight_layout="panels"), packed
+
+
+_pack_jit = jax.jit(pack)

@@ -11,6 +11,10 @@ unembedding matmul for all heads); the verified chain and a verified tree
 speed): DynaMo <= 1.15x AR at pythia-160m shape.
 
   python experiments/bench_pass_price.py [--shape dynamo-180m-t3] [--repeats 5]
+  python experiments/bench_pass_price.py --dtype float32 --matmul native
+
+`--matmul native` multiplies by the native CPU kernel over packed float32
+weights (kernels/cpu_matmul.py) instead of XLA's matmuls.
 
 Prints one JSON object.
 """
@@ -24,6 +28,7 @@ import os
 import numpy as np
 
 from dynamo_jax.evaluation import prices
+from dynamo_jax.kernels import cpu_matmul
 from dynamo_jax.model.config import DYNAMO_PRESETS, dynamo_preset
 from dynamo_jax.model.pythia import init_params
 
@@ -38,9 +43,14 @@ def main() -> None:
   p.add_argument("--prompt-len", type=int, default=16)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--tree", type=int, default=4)
+  p.add_argument("--matmul", default="xla", choices=["xla", "native"])
   args = p.parse_args()
+  if args.matmul == "native" and args.dtype != "float32":
+    p.error("--matmul native multiplies float32 weights; add --dtype float32")
   config = dynamo_preset(args.shape, dtype=args.dtype, param_dtype=args.dtype)
   params = init_params(config, 0)
+  if args.matmul == "native":
+    config, params = cpu_matmul.pack_params(config, params)
   prompt = np.random.default_rng(0).integers(
       1, config.vocab_size, size=(1, args.prompt_len)).astype(np.int32)
   modes = {
@@ -54,6 +64,7 @@ def main() -> None:
   out = prices.timed_modes(config, params, prompt, modes,
                            new_tokens=args.new_tokens, repeats=args.repeats)
   print(json.dumps({"shape": args.shape, "dtype": args.dtype,
+                    "matmul": args.matmul,
                     "load_1min": os.getloadavg()[0], "modes": out}))
 
 

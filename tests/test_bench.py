@@ -87,3 +87,21 @@ def test_timed_modes_counts_passes_exactly():
   assert out["eps0"]["passes"] == 2 * 3 and out["eps0"]["tokens_per_pass"] == 3
   for row in out.values():
     assert row["seconds_range"][0] <= row["seconds"] <= row["seconds_range"][1]
+
+
+def test_bench_with_the_native_matmul():
+  """`matmul="native"` packs the model and decodes with the native CPU
+  matmul: the same tokens per pass as XLA's matmuls for the exact modes
+  (eps_b = 1 is still AR: one token per pass, NLL ratio exactly 1)."""
+  model, stream = _model()
+  prompts = bench.prompts_from_stream(stream, EOS, 2, 8)
+  report = bench.run_bench(model, prompts, eps_b=1.0, new_tokens=6,
+                           seeds=(0,), timing_prompts=1, repeats=1, tree=2,
+                           k_tree=2, matmul="native")
+  assert report["setup"]["matmul"] == "native"
+  assert report["dynamo"]["tokens_per_pass"] == 1.0
+  assert report["dynamo"]["nll_ratio"] == 1.0
+  for mode in ("dynamo", "verified", "tree"):
+    r = report[mode]
+    assert r["speedup_vs_ar"] == pytest.approx(
+        r["timed_tokens_per_pass"] / r["pass_price"])

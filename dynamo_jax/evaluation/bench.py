@@ -27,6 +27,7 @@ figures from batch-1 runs on the first `timing_prompts` prompts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -127,14 +128,21 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
               repeats: int = 5, k: int = 50, use_cooc: bool = True,
               sweep: Sequence[float] = (), sweep_out: str | None = None,
               sweep_without_table: bool = False, tree: int = 8,
-              k_tree: int = 8, project_shape: str | None = None) -> dict:
+              k_tree: int = 8, project_shape: str | None = None,
+              matmul: str = "xla") -> dict:
   """AR vs DynaMo, verified chain and verified tree on `prompts` (int [B,
   P]); see the module docstring for what is measured. `model_dir_or_loaded`
   is a checkpoint directory or a `dynamo_jax.Model`. With
   `sweep_without_table` (and a table in use) the eps_b sweep runs twice,
   with and without the co-occurrence weighting (the paper's CO ablation),
-  each row saying which in "cooc". Returns one JSON-able dict."""
+  each row saying which in "cooc". `matmul="native"` decodes (and projects)
+  with the native CPU matmul over packed float32 weights
+  (kernels/cpu_matmul.py). Returns one JSON-able dict."""
   model = _load(model_dir_or_loaded)
+  if matmul == "native" and model.config.weight_layout == "standard":
+    from dynamo_jax.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
+    config, params = cpu_matmul.pack_params(model.config, model.params)
+    model = dataclasses.replace(model, config=config, params=params)
   prompts = np.asarray(prompts, np.int32)
   n = model.config.num_token_heads
   # generate builds the table's device view once and caches it.
@@ -159,7 +167,8 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
                 "cooc": weights is not None},
       "setup": {**args, "prompts": int(prompts.shape[0]),
                 "prompt_len": int(prompts.shape[1]), "eps_b": eps_b, "k": k,
-                "tree": tree, "k_tree": k_tree, "sampling": True},
+                "tree": tree, "k_tree": k_tree, "sampling": True,
+                "matmul": matmul},
       "ar": {**ar, "seconds": ar_seconds,
              "seconds_range": speed["ar"]["seconds_range"],
              "per_pass_ms": speed["ar"]["per_pass_ms"],
@@ -201,7 +210,7 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
         project_shape, {name: report[name]["tokens_per_pass"]
                         for name in ("dynamo", "verified", "tree")},
         {name: modes[name] for name in ("dynamo", "verified", "tree")},
-        repeats=max(1, min(repeats, 3)))
+        repeats=max(1, min(repeats, 3)), matmul=matmul)
   if sweep:
     tables = [weights] + ([None] if sweep_without_table and weights is not None
                           else [])
@@ -309,6 +318,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="draft paths of the verified tree mode (default 8)")
   p.add_argument("--k-tree", type=_positive, default=8, metavar="K",
                  help="top-k ids per head the tree's paths come from")
+  p.add_argument("--matmul", default="xla", choices=["xla", "native"],
+                 help="the model's matmuls: XLA's (default) or, on CPU, the "
+                 "native few-row kernel over packed float32 weights "
+                 "(kernels/cpu_matmul.py; needs a C++ compiler)")
   p.add_argument("--project-shape", default=None, metavar="NAME",
                  type=_suite_shape,
                  help="also project the speed-up at this suite shape (e.g. "
@@ -352,7 +365,7 @@ def run(args) -> dict:
                      sweep=args.sweep, sweep_out=args.sweep_out,
                      sweep_without_table=args.sweep_without_table,
                      tree=args.tree, k_tree=args.k_tree,
-                     project_shape=args.project_shape)
+                     project_shape=args.project_shape, matmul=args.matmul)
   report["model"]["directory"] = directory
   json.dump(report, sys.stdout)
   print()

@@ -66,17 +66,24 @@ def timed_modes(config, params, prompts, modes: Mapping[str, dict], *,
 
 def projection(shape: str, tokens_per_pass: Mapping[str, float],
                modes: Mapping[str, dict], *, new_tokens: int = 16,
-               repeats: int = 3, prompt_len: int = 16, seed: int = 0) -> dict:
+               repeats: int = 3, prompt_len: int = 16, seed: int = 0,
+               matmul: str = "xla") -> dict:
   """A PROJECTION: the speed-up the measured tokens per pass would give at a
   suite shape (`dynamo-1.5b-t3`, ...), from pass prices measured here on
-  RANDOM bf16 weights of that shape. Random heads are rarely accepted, so
-  each mode's price is per pass, not per token; DynaMo runs without a
-  table there (the measured model's table has another vocabulary)."""
+  RANDOM weights of that shape: bf16 with XLA's matmuls, or float32 packed
+  for the native CPU matmul (`matmul="native"`). Random heads are rarely
+  accepted, so each mode's price is per pass, not per token; DynaMo runs
+  without a table there (the measured model's table has another
+  vocabulary)."""
   # pylint: disable=import-outside-toplevel
   from dynamo_jax.model.config import dynamo_preset
   from dynamo_jax.model.pythia import init_params
-  config = dynamo_preset(shape, dtype="bfloat16", param_dtype="bfloat16")
+  dtype = "float32" if matmul == "native" else "bfloat16"
+  config = dynamo_preset(shape, dtype=dtype, param_dtype=dtype)
   params = init_params(config, seed)
+  if matmul == "native":
+    from dynamo_jax.kernels import cpu_matmul
+    config, params = cpu_matmul.pack_params(config, params)
   prompt = np.random.default_rng(seed).integers(
       1, config.vocab_size, size=(1, prompt_len)).astype(np.int32)
   untabled = {k: {kk: vv for kk, vv in kw.items() if kk != "cooc"}
@@ -89,9 +96,11 @@ def projection(shape: str, tokens_per_pass: Mapping[str, float],
     rows[name] = {"tokens_per_pass": tpp, "pass_price": price,
                   "projected_speedup": tpp / price,
                   "per_pass_ms": prices[name]["per_pass_ms"]}
-  return {"kind": "projection", "shape": shape,
+  return {"kind": "projection", "shape": shape, "dtype": dtype,
+          "matmul": matmul,
           "note": ("projected_speedup = tokens_per_pass (measured on the "
                    "benchmarked model) / pass_price (measured on random "
-                   f"bf16 weights of {shape} on this device, batch 1): a "
-                   "projection, not a measurement of a trained model"),
+                   f"{dtype} weights of {shape} on this device, batch 1, "
+                   f"{matmul} matmuls): a projection, not a measurement of "
+                   "a trained model"),
           "modes": rows}

@@ -109,13 +109,22 @@ def build() -> Path:
   out = cache_dir() / f"cpu_rows-{key}.so"
   if out.exists():
     return out
-  out.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise NativeKernelError(
+        f"cannot create the kernel cache {out.parent} ({e.strerror}); set "
+        "DYNAMO_JAX_CACHE to a writable directory.") from None
   fileio.remove_stale(str(out.parent), out.name)
   tmp = out.parent / f"{fileio.temp_prefix(out.name)}so"
   with resources.as_file(source) as src:
-    done = subprocess.run([cxx, *_FLAGS, f"-I{include}", str(src), "-o",
-                           str(tmp)], capture_output=True, text=True,
-                          timeout=600)
+    try:
+      done = subprocess.run([cxx, *_FLAGS, f"-I{include}", str(src), "-o",
+                             str(tmp)], capture_output=True, text=True,
+                            timeout=600)
+    except (OSError, subprocess.SubprocessError) as e:
+      raise NativeKernelError(f"running the C++ compiler {cxx} failed ({e})"
+                              "; fix it or set CXX to another one.") from None
   if done.returncode:
     tmp.unlink(missing_ok=True)
     tail = " | ".join(done.stderr.strip().splitlines()[-3:])

@@ -9,6 +9,8 @@ Dimensions are primes (or a multiple of the 32-column panel plus a prime
 rest) so that a wrong axis or a lost remainder cannot hide.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,10 +45,11 @@ def test_pack_layout_and_inverse():
       np.asarray(cpu_matmul.unpack(jnp.asarray(packed))), w)
 
 
-# N = 577: 18 panels + 1 column, so the product is split between threads;
-# 67: 2 panels + 3 columns; 31: the rest block only.
+# N = 577: 18 panels + 1 column, and 775: 24 panels + 7 columns, so the
+# product is split between threads (chunks of >= 8 panels); 67: 2 panels +
+# 3 columns; 31: the rest block only.
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 17])
-@pytest.mark.parametrize("k,n", [(37, 67), (37, 31), (61, 577)])
+@pytest.mark.parametrize("k,n", [(37, 67), (37, 31), (61, 577), (29, 775)])
 def test_kernel_equals_numpy(rows, k, n):
   x, w = _operands(rows, k, n)
   got = jax.jit(cpu_matmul.rows_matmul)(x, cpu_matmul.pack(jnp.asarray(w)))
@@ -111,19 +114,61 @@ def test_packed_dynamo_at_eps_b_one_is_packed_ar(tiny, greedy):
   np.testing.assert_array_equal(dyn.tokens, ar.tokens)
 
 
+def test_pack_params_packs_exactly_the_dense_weights(tiny):
+  config, params, (_, pparams) = tiny
+  flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  packed = dict(jax.tree_util.tree_flatten_with_path(pparams)[0])
+  assert flat.keys() == packed.keys()
+  changed = [jax.tree_util.keystr(k) for k in flat
+             if not np.array_equal(np.asarray(flat[k]), np.asarray(packed[k]))]
+  layers = config.num_layers + config.num_token_heads - 1
+  assert len(changed) == 4 * layers + 1  # qkv, out, mlp in/out; embed_out
+  assert all(k.endswith(("qkv_kernel']", "out_kernel']", "in_kernel']",
+                         "embed_out']")) for k in changed)
+  for k in flat:
+    assert packed[k].shape == flat[k].shape
+
+
+def test_dense_panels_refuses_a_misfit():
+  x = jnp.ones((1, 2, 5, 3), jnp.float32)
+  with pytest.raises(ValueError, match="does not fit"):
+    cpu_matmul.dense_panels("bthk,hkd->btd", x, jnp.ones((5, 4, 7)))
+  with pytest.raises(ValueError, match="leading axes"):
+    cpu_matmul.dense_panels("btd,vd->btv", x[:, :, 0], jnp.ones((7, 3)))
+
+
 def test_refusals(tiny, tmp_path, monkeypatch):
   config, params, (pconfig, pparams) = tiny
   with pytest.raises(cpu_matmul.NativeKernelError, match="already packed"):
     cpu_matmul.pack_params(pconfig, pparams)
+  prompt = np.ones((1, 3), np.int32)
+  with monkeypatch.context() as m:
+    m.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(cpu_matmul.NativeKernelError, match="CPU kernel"):
+      cpu_matmul.pack_params(config, params)
+    with pytest.raises(cpu_matmul.NativeKernelError, match="CPU kernel"):
+      generate(pconfig, pparams, prompt, max_new_tokens=2)
   bf16 = config.replace(dtype="bfloat16", param_dtype="bfloat16")
   with pytest.raises(cpu_matmul.NativeKernelError, match="float32"):
     cpu_matmul.pack_params(bf16, params)
   from dynamo_jax.convert import native  # pylint: disable=import-outside-toplevel
+  from dynamo_jax.convert import hf  # pylint: disable=import-outside-toplevel
   with pytest.raises(CheckpointError, match="layout"):
     native.save(pconfig, pparams, str(tmp_path / "packed"))
+  with pytest.raises(CheckpointError, match="layout"):
+    hf.to_hf(pconfig, pparams, str(tmp_path / "packed_hf"))
   assert not (tmp_path / "packed").exists()
+  assert not (tmp_path / "packed_hf").exists()
+  # A checkpoint that claims packed weights is refused by name.
+  native.save(config, params, str(tmp_path / "plain"))
+  cfg_file = tmp_path / "plain" / native.CONFIG_FILE
+  meta = json.loads(cfg_file.read_text())
+  meta["model"]["weight_layout"] = "panels"
+  cfg_file.write_text(json.dumps(meta))
+  with pytest.raises(CheckpointError, match="weight_layout 'panels'"):
+    native.load(str(tmp_path / "plain"))
   # A fresh cache and no compiler: an error naming the compiler.
-  monkeypatch.setenv("DYNAMO_JAX_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setenv("DYNAMO_CACHE", str(tmp_path / "cache"))
   monkeypatch.setenv("CXX", "no-such-compiler-here")
   with pytest.raises(cpu_matmul.NativeKernelError,
                      match="'no-such-compiler-here' was not found"):
@@ -137,8 +182,11 @@ def test_refusals(tiny, tmp_path, monkeypatch):
 
 
 def test_build_is_cached(tmp_path, monkeypatch):
-  monkeypatch.setenv("DYNAMO_JAX_CACHE", str(tmp_path))
+  monkeypatch.setenv("DYNAMO_CACHE", str(tmp_path))
   first = cpu_matmul.build()
   stamp = first.stat().st_mtime_ns
   assert cpu_matmul.build() == first and first.stat().st_mtime_ns == stamp
   assert [p.name for p in (tmp_path / "native").iterdir()] == [first.name]
+  # A cached build is used without a compiler.
+  monkeypatch.setenv("CXX", "no-such-compiler-here")
+  assert cpu_matmul.build() == first

@@ -237,6 +237,16 @@ def _get(params: Params, path: tuple[str, ...]):
   return params
 
 
+def require_standard_layout(config: PythiaConfig) -> None:
+  """CheckpointError for params in a decode-time layout (weight_layout
+  "panels", from kernels/cpu_matmul.pack_params): they are never saved."""
+  if config.weight_layout != "standard":
+    raise CheckpointError(
+        f"these parameters are in the {config.weight_layout!r} layout (a "
+        "decode-time copy from cpu_matmul.pack_params); save the model "
+        "loaded before packing.")
+
+
 def to_hf(config: PythiaConfig, params: Params, out_dir: str, *,
           progress: bool = False, tokenizer_dir: str | None = None) -> str:
   """Writes an HF directory that `GPTNeoXForCausalLM.from_pretrained` loads.
@@ -245,6 +255,7 @@ def to_hf(config: PythiaConfig, params: Params, out_dir: str, *,
   temporary directory renamed onto `out_dir` only when complete. A DynaMo
   model's heads 2..N go to HEADS_FILE beside them (see the module docstring).
   """
+  require_standard_layout(config)
   specs = layout(config)
   for s in specs:
     want = s.to_ours(np.empty(s.hf_shape, np.int8)).shape

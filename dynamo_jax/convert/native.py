@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from dynamo_jax.convert.hf import checked_tensors, copy_tokenizer, read_hf_config
+from dynamo_jax.convert.hf import (checked_tensors, copy_tokenizer,
+                                   read_hf_config, require_standard_layout)
 from dynamo_jax.convert.sources import TensorSource, resolve
 from dynamo_jax.errors import CheckpointError
 from dynamo_jax.fileio import (SafetensorsReader, atomic_output,
@@ -56,11 +57,7 @@ def _key(path) -> str:
 def _write(directory: str, config: PythiaConfig, specs, tensors,
            progress=None) -> None:
   """Writes the config, the params (streamed from `tensors`) and checksums."""
-  if config.weight_layout != "standard":
-    raise CheckpointError(
-        f"these parameters are in the {config.weight_layout!r} layout (a "
-        "decode-time copy from cpu_matmul.pack_params); save the model "
-        "loaded before packing.")
+  require_standard_layout(config)
   with open(os.path.join(directory, CONFIG_FILE), "w") as fh:
     json.dump({"format": "dynamo_jax", "format_version": FORMAT_VERSION,
                "model": config.to_dict()}, fh, indent=2)
@@ -90,6 +87,7 @@ def save(config: PythiaConfig, params: Params, out_dir: str, *,
   Refuses params that are not floating point or not finite (CheckpointError
   naming the first such param): they would not load.
   """
+  require_standard_layout(config)
   specs = _flat_shapes(config)
   flat = {_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   if set(flat) != set(specs):
@@ -142,6 +140,10 @@ def _read_config(directory: str) -> PythiaConfig:
   if not isinstance(meta.get("model"), dict):
     raise CheckpointError(f"{path} lacks its \"model\" object (the model's "
                           "config); re-convert the checkpoint.")
+  if meta["model"].get("weight_layout", "standard") != "standard":
+    raise CheckpointError(
+        f"{path} says weight_layout {meta['model']['weight_layout']!r}; "
+        "saved weights are always in the standard layout: remove the field.")
   return PythiaConfig.from_dict(meta["model"])
 
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from dynamo_jax.decoding.dynamo import SamplerSettings
 from dynamo_jax.decoding.generate import generate
+from dynamo_jax.errors import InputError
 from dynamo_jax.evaluation import prices, timing
 from dynamo_jax.evaluation.perplexity import split_documents
 from dynamo_jax.evaluation.quality import continuation_nll, mean_distinct_n
@@ -138,7 +139,11 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
   each row saying which in "cooc". `matmul="native"` decodes (and projects)
   with the native CPU matmul over packed float32 weights
   (kernels/cpu_matmul.py). Returns one JSON-able dict."""
+  if matmul not in ("xla", "native"):
+    raise InputError(f"matmul must be 'xla' or 'native', got {matmul!r}.")
   model = _load(model_dir_or_loaded)
+  if model.config.weight_layout == "panels":  # packed by the caller
+    matmul = "native"
   if matmul == "native" and model.config.weight_layout == "standard":
     from dynamo_jax.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
     config, params = cpu_matmul.pack_params(model.config, model.params)

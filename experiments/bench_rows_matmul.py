@@ -28,22 +28,6 @@ import numpy as np
 from dynamo_jax.kernels import cpu_matmul
 
 
-def weights(params, lead=cpu_matmul._PACKED):  # pylint: disable=protected-access
-  """[K, N] float32 views of the dense weights, in the model's order."""
-  out = []
-
-  def visit(tree):
-    for name, value in tree.items():
-      if isinstance(value, dict):
-        visit(value)
-      elif (name, np.ndim(value)) in lead:
-        k = int(np.prod(np.shape(value)[:lead[(name, np.ndim(value))]]))
-        out.append(jnp.asarray(value, jnp.float32).reshape(k, -1))
-
-  visit(params)
-  return out
-
-
 def loop(product, ws, rows, steps):
   """A jitted loop of `steps` steps, each multiplying `rows` rows by every
   weight in turn; each product feeds the next step's rows."""
@@ -76,7 +60,7 @@ def main() -> None:
   else:
     import dynamo_jax  # pylint: disable=import-outside-toplevel
     params = dynamo_jax.load().params
-  ws = weights(params)
+  ws = [w.astype(jnp.float32) for w in cpu_matmul.dense_weights(params)]
   packed = [cpu_matmul.pack(w) for w in ws]
   xla = lambda x, w: jnp.einsum("rk,kn->rn", x, w)  # noqa: E731
   results = {}

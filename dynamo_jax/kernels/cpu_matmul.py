@@ -9,6 +9,7 @@
   rows_matmul_reference(x_RxK, w_packed_KxN): the same product in jnp, by
       unpacking the weight: the kernel's reference in the tests.
   pack(w_KxN) / unpack(w_packed_KxN): the layout and its inverse.
+  dense_weights(params): the weights pack_params packs, as [K, N] matrices.
 
 Why it exists (measured on a 2-core AMD EPYC VM, jax 0.10.2): XLA:CPU
 computes a one-row product with a matrix-vector loop and a product of 2..17
@@ -38,7 +39,6 @@ import subprocess
 import threading
 from importlib import resources
 from pathlib import Path
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -232,23 +232,34 @@ def pack_params(config, params):
         "in float32 or decode with XLA's matmuls.")
   register()
 
-  def visit(tree):
-    out = {}
-    for name, value in tree.items():
-      if isinstance(value, Mapping):
-        out[name] = visit(value)
-        continue
-      lead = _PACKED.get((name, np.ndim(value)))
-      if lead is None:
-        out[name] = value
-        continue
-      shape = np.shape(value)
-      k = int(np.prod(shape[:lead]))
-      out[name] = _pack_jit(jnp.asarray(value).reshape(k, -1)).reshape(shape)
-    return out
+  def pack_leaf(path, value):
+    lead = _contracted_axes(path, value)
+    if lead is None:
+      return value
+    shape = np.shape(value)
+    return _pack_jit(_as_matrix(value, lead)).reshape(shape)
 
-  packed = visit(params)
+  packed = jax.tree_util.tree_map_with_path(pack_leaf, params)
   return config.replace(weight_layout="panels"), packed
+
+
+def _contracted_axes(path, value) -> int | None:
+  """How many leading axes a dense weight contracts; None for any other
+  parameter."""
+  return _PACKED.get((getattr(path[-1], "key", None), np.ndim(value)))
+
+
+def _as_matrix(value, lead: int):
+  shape = np.shape(value)
+  return jnp.asarray(value).reshape(int(np.prod(shape[:lead])), -1)
+
+
+def dense_weights(params) -> list:
+  """The dense weights of `params` (standard layout) as [K, N] matrices, in
+  the pytree's order: what `pack_params` packs."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return [_as_matrix(v, lead) for p, v in leaves
+          if (lead := _contracted_axes(p, v)) is not None]
 
 
 _pack_jit = jax.jit(pack)

@@ -34,35 +34,25 @@ constexpr int kMaxRows = 8;     // rows per sweep over the weight
 constexpr int64_t kChunkPanels = 8;  // panels per task (256 columns)
 
 // Rows [0, R) of x times one block of `width` (<= kLanes) columns stored as
-// [K, width]; writes y[r, col0 .. col0 + width).
-template <int R>
+// [K, width]; writes y[r, col0 .. col0 + width). kFull: width is kLanes, a
+// compile-time constant, so the lane loops vectorize.
+template <int R, bool kFull>
 void block(const float* __restrict x, const float* __restrict w,
            float* __restrict y, int64_t K, int64_t N, int64_t col0,
            int64_t width) {
+  const int64_t n = kFull ? kLanes : width;
   float acc[R][kLanes];
-  if (width == kLanes) {
-    for (int r = 0; r < R; ++r)
-      for (int64_t j = 0; j < kLanes; ++j) acc[r][j] = 0.f;
-    for (int64_t k = 0; k < K; ++k) {
-      const float* wk = w + k * kLanes;
-      for (int r = 0; r < R; ++r) {
-        const float xr = x[r * K + k];
-        for (int64_t j = 0; j < kLanes; ++j) acc[r][j] += xr * wk[j];
-      }
-    }
-  } else {
-    for (int r = 0; r < R; ++r)
-      for (int64_t j = 0; j < width; ++j) acc[r][j] = 0.f;
-    for (int64_t k = 0; k < K; ++k) {
-      const float* wk = w + k * width;
-      for (int r = 0; r < R; ++r) {
-        const float xr = x[r * K + k];
-        for (int64_t j = 0; j < width; ++j) acc[r][j] += xr * wk[j];
-      }
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < n; ++j) acc[r][j] = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* wk = w + k * n;
+    for (int r = 0; r < R; ++r) {
+      const float xr = x[r * K + k];
+      for (int64_t j = 0; j < n; ++j) acc[r][j] += xr * wk[j];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int64_t j = 0; j < width; ++j) y[r * N + col0 + j] = acc[r][j];
+    for (int64_t j = 0; j < n; ++j) y[r * N + col0 + j] = acc[r][j];
 }
 
 // Rows [0, R) times panels [p0, p1) (and the last block when p1 is the end).
@@ -71,9 +61,10 @@ void rows(const float* x, const float* w, float* y, int64_t K, int64_t N,
           int64_t p0, int64_t p1) {
   const int64_t panels = N / kLanes;
   for (int64_t p = p0; p < p1; ++p)
-    block<R>(x, w + p * K * kLanes, y, K, N, p * kLanes, kLanes);
+    block<R, true>(x, w + p * K * kLanes, y, K, N, p * kLanes, kLanes);
   if (p1 == panels && N % kLanes)
-    block<R>(x, w + panels * K * kLanes, y, K, N, panels * kLanes, N % kLanes);
+    block<R, false>(x, w + panels * K * kLanes, y, K, N, panels * kLanes,
+                    N % kLanes);
 }
 
 // All R rows times panels [p0, p1), in sweeps of up to kMaxRows rows.

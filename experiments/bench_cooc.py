@@ -14,13 +14,17 @@ see new prefixes like a real decode; then the whole DynaMo-T3 sampler step
 reading this table (`whole_sampler`), on logits whose top-k sets are drawn
 the same way. For comparison: a lexicographic binary
 search over the sorted keys split into two uint32 arrays (jnp, in this file
-only), and the numpy reference. Target: the whole sampler <= 1 ms per step.
+only), and the numpy reference. With --native-lookup, the native lookup
+(kernels/cpu_cooc.py, the same arrays; its bits checked equal) is timed
+beside the jnp walk: `native_lookup` and `whole_sampler.table_native_*`.
+Target: the whole sampler <= 1 ms per step.
 
 Run from the repo root on an otherwise idle machine (the 1-minute load
 average is recorded before and after):
 
   .venv/bin/python experiments/bench_cooc.py
   .venv/bin/python experiments/bench_cooc.py --tokens 2e7 --skip-lookup
+  .venv/bin/python experiments/bench_cooc.py --native-lookup
 
 Prints one JSON object to stdout; progress goes to stderr.
 """
@@ -198,6 +202,7 @@ def bench_lookup(args, table: cooc.CoocTable) -> dict:
   stream = ZipfStream(VOCAB, args.exponent, args.seed + 1)
   rng = np.random.default_rng(args.seed + 2)
   fn = jax.jit(cooc.grid_weights)
+  native = jax.jit(lambda a, q: cooc.DeviceTable(a, "native").grid_weights(q))
   for m in (2, 3):
     sets = [np.stack([[rng.choice(VOCAB, args.k, replace=False,
                                   p=stream.probs) for _ in range(m)]]
@@ -213,6 +218,10 @@ def bench_lookup(args, table: cooc.CoocTable) -> dict:
         "cuckoo_trie_jit": _time(lambda q: fn(arrays, q), device_sets,
                                  args.repeats),
     }
+    if args.native_lookup:  # the same arrays, read by kernels/cpu_cooc.cc
+      assert np.array_equal(np.asarray(native(arrays, device_sets[0])), ours)
+      entry["native_lookup"] = _time(lambda q: native(arrays, q), device_sets,
+                                     args.repeats)
     t = time.perf_counter()
     for s in sets[:8]:
       cooc.grid_weights_numpy(table, s)
@@ -241,7 +250,10 @@ def bench_sampler_with_table(args, arrays, stream, rng) -> dict:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from dynamo_jax.cooc.lookup import DeviceTable  # pylint: disable=import-outside-toplevel
   from dynamo_jax.decoding import dynamo_sampler  # pylint: disable=import-outside-toplevel
-  n, table = 3, DeviceTable(arrays)
+  n = 3
+  tables = [("table", DeviceTable(arrays))]
+  if args.native_lookup:
+    tables.append(("table_native", DeviceTable(arrays, "native")))
   logits = []
   for _ in range(args.query_sets):
     l_NxV = rng.normal(0.0, 0.1, (n, VOCAB)).astype(np.float32)
@@ -259,7 +271,7 @@ def bench_sampler_with_table(args, arrays, stream, rng) -> dict:
   sample = jax.jit(dynamo_sampler.dynamo_sample,
                    static_argnames=dynamo_sampler.STATIC_ARGNAMES)
   out = {"vocab": VOCAB, "n": n}
-  for name, cooc_arg in (("no_table", None), ("table", table)):
+  for name, cooc_arg in [("no_table", None)] + tables:
     for eps_b in (0.0, 0.5, 1.0):
       run = lambda l, c=cooc_arg, e=jnp.float32(eps_b): sample(
           keys, l, history, history_len, c, n=n, k=args.k, temperature=temps,
@@ -281,6 +293,9 @@ def main() -> None:
   parser.add_argument("--k", type=int, default=50)
   parser.add_argument("--query-sets", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=400)
+  parser.add_argument("--native-lookup", action="store_true",
+                      help="also time the native co-occurrence lookup "
+                      "(kernels/cpu_cooc.py) on the same arrays")
   args = parser.parse_args()
   args.tokens = int(args.tokens)
   out = {"machine": _machine(), "load_avg_1min_before": os.getloadavg()[0]}

@@ -46,6 +46,10 @@ a decode. Reported with and without the table, at eps_b 0, 0.5, 1, plus the
 table lookups alone (M = 2 and 3). A Pile-sized table (400 MB on device)
 is slower to read: experiments/bench_cooc.py times that lookup.
 
+With `--native-lookup` the embedded case is also timed with the native
+co-occurrence lookup (kernels/cpu_cooc.py: `cooc_table_native`,
+`lookup_ms_native`), in the same process over the same table arrays.
+
 With `--baseline REV` the embedded case also times the sampler of git
 revision REV (its dynamo_jax, extracted to a temporary folder and imported
 under another name) against this checkout's, calls alternating between the
@@ -57,6 +61,7 @@ Prints one JSON object. Run from the repo root:
   .venv/bin/python experiments/bench_sampler.py
   .venv/bin/python experiments/bench_sampler.py --batches 1 --repeats 100
   .venv/bin/python experiments/bench_sampler.py --batches 1 --baseline HEAD~3
+  .venv/bin/python experiments/bench_sampler.py --batches 1 --native-lookup
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamo_jax import kernels
-from dynamo_jax.cooc import lookup
+from dynamo_jax.cooc import lookup as lookup_lib
 from dynamo_jax.decoding import dynamo_sampler as ds
 from dynamo_jax.decoding.sampling import sample_tokens
 from dynamo_jax.ops import grid
@@ -220,7 +225,7 @@ def _embedded_inputs():
   logits_PxNxV = jnp.transpose(logits[:N, 0, 64:], (1, 0, 2))
   history = jnp.asarray(sample[None, :64], jnp.int32)
   return (logits_PxNxV, history, jnp.array([HISTORY], jnp.int32),
-          lookup.device_table(model.cooc, N))
+          lookup_lib.device_table(model.cooc, N))
 
 
 def _baseline_modules(rev):
@@ -277,8 +282,12 @@ def _bench_baseline(rev, step_logits, history, history_len, table, repeats):
   return out
 
 
-def _bench_embedded(repeats, baseline=None):
+def _bench_embedded(repeats, baseline=None, native_lookup=False):
   logits_PxNxV, history, history_len, table = _embedded_inputs()
+  tables = [("cooc_table", table)]
+  if native_lookup:  # the same arrays, read by kernels/cpu_cooc.cc
+    tables.append(("cooc_table_native", lookup_lib.DeviceTable(
+        table.arrays, lookup="native")))
   positions = logits_PxNxV.shape[0]
   keys = jax.random.split(jax.random.PRNGKey(0), 1)
   temps = jnp.full((N,), TEMPERATURE, jnp.float32)
@@ -299,7 +308,7 @@ def _bench_embedded(repeats, baseline=None):
   # Sliced before timing: an eager slice inside the timed call is a dispatch
   # (tens of microseconds here) that a decode step never pays.
   step_logits = [logits_PxNxV[i:i + 1] for i in range(positions)]
-  for name, cooc in (("no_cooc", None), ("cooc_table", table)):
+  for name, cooc in [("no_cooc", None)] + tables:
     res = {"total_ms": {}, "total_p10_ms": {}, "m_mean": {}}
     for eps_b in (0.0, 0.5, 1.0):
       run = lambda i, c=cooc, e=jnp.float32(eps_b): SAMPLE(
@@ -314,10 +323,13 @@ def _bench_embedded(repeats, baseline=None):
   topk = jax.jit(lambda l: ds.topk_marginals(l, temps, history, history_len,
                                              k=K)[0])
   ids = [topk(logits_PxNxV[i:i + 1]) for i in range(positions)]
-  out["lookup_ms"] = {}
-  for m in range(2, N + 1):
-    lookup = jax.jit(lambda x, t, m=m: t.grid_weights(x[:, :m], 1.0))
-    out["lookup_ms"][f"m{m}"] = cycled_ms(lambda i: lookup(ids[i], table))[0]
+  for name, t in tables:
+    key = "lookup_ms" + name[len("cooc_table"):]
+    out[key] = {}
+    for m in range(2, N + 1):
+      # Both orders' weights at m = N (the sampler's one walk).
+      lookup = jax.jit(lambda x, t, m=m: t.grid_weights(x[:, :m], 1.0))
+      out[key][f"m{m}"] = cycled_ms(lambda i, t=t: lookup(ids[i], t))[0]
   if baseline is not None:
     out["baseline"] = _bench_baseline(baseline, step_logits, history,
                                       history_len, table, repeats)
@@ -345,6 +357,10 @@ def main():
   parser.add_argument("--repeats", type=int, default=200)
   parser.add_argument("--skip-embedded", action="store_true",
                       help="skip the embedded model + real table case")
+  parser.add_argument("--native-lookup", action="store_true",
+                      help="also time the embedded case with the native "
+                      "co-occurrence lookup (kernels/cpu_cooc.py), same "
+                      "process, same table arrays")
   parser.add_argument("--baseline", metavar="REV",
                       help="also time git revision REV's sampler on the "
                            "embedded case, calls alternating with this one's")
@@ -357,8 +373,8 @@ def main():
         "cooc_standin": _bench(batch, FixedCooc.random(batch), args.repeats),
     }
   if not args.skip_embedded:
-    results["embedded_model_batch1"] = _bench_embedded(args.repeats,
-                                                       args.baseline)
+    results["embedded_model_batch1"] = _bench_embedded(
+        args.repeats, args.baseline, args.native_lookup)
   print(json.dumps({
       "benchmark": "dynamo_sampler step",
       "setting": {"vocab": VOCAB, "k": K, "n": N, "history": HISTORY,

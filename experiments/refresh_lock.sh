@@ -15,7 +15,7 @@ trap 'rm -rf "$venv"' EXIT
 "$python" -m venv "$venv"
 "$venv/bin/pip" install -q -r requirements-test.txt -e .
 # shellcheck disable=SC2086
-"$venv/bin/python" -m pytest ${PYTEST_ARGS:--q}
+"$venv/bin/python" -m pytest ${PYTEST_ARGS:--q -n 2}
 tmp="$(mktemp requirements-lock.txt.XXXXXX)"
 {
   sed -n '1,/^[^#]/{/^#/p}' requirements-lock.txt

@@ -89,13 +89,19 @@ def test_timed_modes_counts_passes_exactly():
     assert row["seconds_range"][0] <= row["seconds"] <= row["seconds_range"][1]
 
 
-def test_bench_with_the_native_matmul(monkeypatch):
+def test_bench_with_the_native_kernels(monkeypatch):
   """`matmul="native"` packs the model (pack_params is called, and the
   model's products go through the kernel) and keeps the exact modes exact:
-  eps_b = 1 is still AR, one token per pass and an NLL ratio of exactly 1."""
-  from dynamo_jax.kernels import cpu_matmul
-  calls = {"pack": 0, "kernel": 0}
+  eps_b = 1 is still AR, one token per pass and an NLL ratio of exactly 1;
+  `cooc_lookup="native"` reads the table with the native lookup."""
+  from dynamo_jax.kernels import cpu_cooc, cpu_matmul
+  calls = {"pack": 0, "kernel": 0, "lookup": 0}
   pack, kernel = cpu_matmul.pack_params, cpu_matmul.rows_matmul
+  grid_bits = cpu_cooc.grid_bits
+
+  def counted_lookup(*a):
+    calls["lookup"] += 1
+    return grid_bits(*a)
 
   def counted_pack(*a):
     calls["pack"] += 1
@@ -107,14 +113,18 @@ def test_bench_with_the_native_matmul(monkeypatch):
 
   monkeypatch.setattr(cpu_matmul, "pack_params", counted_pack)
   monkeypatch.setattr(cpu_matmul, "rows_matmul", counted_kernel)
+  monkeypatch.setattr(cpu_cooc, "grid_bits", counted_lookup)
   model, stream = _model()
   prompts = bench.prompts_from_stream(stream, EOS, 2, 8)
   report = bench.run_bench(model, prompts, eps_b=1.0, new_tokens=6,
                            seeds=(0,), timing_prompts=1, repeats=1, tree=2,
-                           k_tree=2, matmul="native")
-  assert calls["pack"] == 1 and calls["kernel"] > 0
+                           k_tree=2, matmul="native", cooc_lookup="native")
+  assert calls["pack"] == 1 and calls["kernel"] > 0 and calls["lookup"] > 0
   assert report["setup"]["matmul"] == "native"
+  assert report["setup"]["cooc_lookup"] == "native"
   assert report["dynamo"]["tokens_per_pass"] == 1.0
   assert report["dynamo"]["nll_ratio"] == 1.0
   with pytest.raises(dynamo_jax.InputError, match="matmul"):
     bench.run_bench(model, prompts, matmul="Native")
+  with pytest.raises(dynamo_jax.InputError, match="cooc_lookup"):
+    bench.run_bench(model, prompts, cooc_lookup="Native")

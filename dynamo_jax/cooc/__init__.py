@@ -8,8 +8,10 @@
       vocab_size=..., num_heads=...)
   to_device(table) -> pytree; grid_weights(arrays, topk_ids_BxMxK, alpha)
       -> float32 [B, K, ..., K] inside jit; grid_weights_numpy: reference
-  device_table(table) -> DeviceTable (cached per table), a pytree with
-      .grid_weights(ids, alpha): the sampler's interface;
+  device_table(table, lookup="xla") -> DeviceTable (cached per table), a
+      pytree with .grid_weights(ids, alpha): the sampler's interface;
+      lookup="native" reads it with the C++ kernel (kernels/cpu_cooc.py,
+      CPU only, the same bits);
       table.check_compatible(...)
 """
 

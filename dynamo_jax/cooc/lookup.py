@@ -82,8 +82,18 @@ class DeviceTable:
   """`to_device` arrays with the sampler's interface; a pytree, so it can be
   an argument of jitted functions (from `device_table(table)`)."""
 
-  def __init__(self, arrays: dict):
+  def __init__(self, arrays: dict, lookup: str = "xla"):
+    if lookup not in LOOKUPS:
+      raise InputError(f"lookup must be one of {LOOKUPS}, got {lookup!r}.")
+    if lookup == "native":
+      from dynamo_jax.kernels import cpu_cooc  # pylint: disable=import-outside-toplevel
+      cpu_cooc.check_backend()
+      if _num_orders(arrays) > cpu_cooc.MAX_ORDER:
+        raise InputError(f"the native lookup reads orders up to "
+                         f"{cpu_cooc.MAX_ORDER}; build the table's device "
+                         "view with a lower max_order.")
     self.arrays = arrays
+    self.lookup = lookup
 
   @property
   def max_order(self) -> int:
@@ -91,29 +101,41 @@ class DeviceTable:
 
   def grid_weights(self, topk_ids_BxMxK: jax.Array, alpha=1.0) -> jax.Array:
     """float32 [B, K, ..., K]; see `grid_weights`."""
-    return grid_weights(self.arrays, topk_ids_BxMxK, alpha)
+    return grid_weights_orders(self.arrays, topk_ids_BxMxK, alpha,
+                               orders=(topk_ids_BxMxK.shape[1],),
+                               lookup=self.lookup)[0]
 
   def grid_weights_orders(self, topk_ids_BxNxK: jax.Array,
                           alpha=1.0) -> list:
     """Orders 2..N's weights in one walk; see `grid_weights_orders`."""
-    return grid_weights_orders(self.arrays, topk_ids_BxNxK, alpha)
+    return grid_weights_orders(self.arrays, topk_ids_BxNxK, alpha,
+                               lookup=self.lookup)
 
   def tree_flatten(self):
-    return (self.arrays,), None
+    return (self.arrays,), self.lookup
 
   @classmethod
-  def tree_unflatten(cls, _, children):
-    return cls(*children)
+  def tree_unflatten(cls, lookup, children):
+    table = object.__new__(cls)  # no checks: jit rebuilds it from leaves
+    table.arrays, = children
+    table.lookup = lookup
+    return table
 
 
-# id(table) -> {max_order: DeviceTable}; an entry goes with its table.
+# id(table) -> {(max_order, lookup): DeviceTable}; an entry goes with its
+# table, and both lookups share one set of arrays.
 _DEVICE_TABLES: dict[int, dict] = {}
 
 
-def device_table(table: CoocTable, max_order: int | None = None) -> DeviceTable:
-  """The `DeviceTable` of `table` (levels 2..max_order, default all), built
-  on first use and cached for the table's lifetime: building takes seconds
-  for millions of n-grams, and every `generate` call needs it."""
+def device_table(table: CoocTable, max_order: int | None = None,
+                 lookup: str = "xla") -> DeviceTable:
+  """The `DeviceTable` of `table` (levels 2..max_order, default all), its
+  arrays built on first use and cached for the table's lifetime: building
+  takes seconds for millions of n-grams, and every `generate` call needs it.
+
+  lookup: "xla" (default), the jnp walk below, on any backend; or "native",
+  the C++ kernel of dynamo_jax/kernels/cpu_cooc.cc (CPU only, compiled on
+  first use; the same bits, tested against this walk)."""
   if not isinstance(table, CoocTable):
     raise InputError(f"device_table needs a CoocTable, got "
                      f"{type(table).__name__}.")
@@ -121,9 +143,11 @@ def device_table(table: CoocTable, max_order: int | None = None) -> DeviceTable:
   if cached is None:
     cached = _DEVICE_TABLES[id(table)] = {}
     weakref.finalize(table, _DEVICE_TABLES.pop, id(table), None)
-  if max_order not in cached:
-    cached[max_order] = DeviceTable(to_device(table, max_order))
-  return cached[max_order]
+  if (max_order, lookup) not in cached:
+    same = [t for (m, _), t in cached.items() if m == max_order]
+    cached[max_order, lookup] = DeviceTable(
+        same[0].arrays if same else to_device(table, max_order), lookup)
+  return cached[max_order, lookup]
 
 
 def _num_orders(table_arrays: dict) -> int:
@@ -132,6 +156,8 @@ def _num_orders(table_arrays: dict) -> int:
     m += 1
   return m
 
+
+LOOKUPS = ("xla", "native")
 
 # Capacities, as fractions of the parents, of the branches of the last
 # level's lookup; see _last_level_sparse.
@@ -227,17 +253,25 @@ def grid_weights(table_arrays: dict, topk_ids_BxMxK: jax.Array,
 
 
 def grid_weights_orders(table_arrays: dict, topk_ids_BxNxK: jax.Array,
-                        alpha=1.0, orders=None) -> list:
+                        alpha=1.0, orders=None, lookup: str = "xla") -> list:
   """[`grid_weights(table_arrays, topk_ids_BxNxK[:, :m], alpha)` for m in
   `orders`] (default 2..N), the same bits, from one walk down the trie: the
   order-m grid's weights are the values of the slots the walk to level N
-  finds at level m anyway."""
+  finds at level m anyway. lookup "native": the walk by the C++ kernel
+  (kernels/cpu_cooc.py), the same bits."""
   b, m_heads, k = topk_ids_BxNxK.shape
   orders = tuple(range(2, m_heads + 1)) if orders is None else tuple(orders)
   if not 2 <= m_heads <= _num_orders(table_arrays):
     raise InputError(f"grid_weights needs 2 <= M <= "
                      f"{_num_orders(table_arrays)} (the orders on device), "
                      f"got M = {m_heads}.")
+  if lookup == "native":
+    from dynamo_jax.kernels import cpu_cooc  # pylint: disable=import-outside-toplevel
+    bits = dict(zip(range(2, m_heads + 1),
+                    cpu_cooc.grid_bits(table_arrays, topk_ids_BxNxK)))
+    return _ratios_of_bits(bits, orders, alpha, b, k)
+  if lookup != "xla":
+    raise InputError(f"lookup must be one of {LOOKUPS}, got {lookup!r}.")
   root_off_V = table_arrays["root_off"]
   ids_BxMxK = topk_ids_BxNxK.astype(jnp.int32)
   valid_BxMxK = (ids_BxMxK >= 0) & (ids_BxMxK < root_off_V.shape[0])
@@ -273,6 +307,12 @@ def grid_weights_orders(table_arrays: dict, topk_ids_BxNxK: jax.Array,
   else:
     bits[m_heads] = _last_level_sparse(rows_ZxC, off_R, mask_R, tokens, b,
                                        m_heads - 1)
+  return _ratios_of_bits(bits, orders, alpha, b, k)
+
+
+def _ratios_of_bits(bits: dict, orders, alpha, b: int, k: int) -> list:
+  """The weights [B, K, .., K] of `orders` from their value bits (0: absent),
+  to the power alpha."""
   out = []
   for m in orders:
     ratio = jax.lax.bitcast_convert_type(bits[m], jnp.float32)

@@ -36,6 +36,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from dynamo_jax.cooc import lookup
 from dynamo_jax.decoding.dynamo import SamplerSettings
 from dynamo_jax.decoding.generate import generate
 from dynamo_jax.errors import InputError
@@ -130,7 +131,7 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
               sweep: Sequence[float] = (), sweep_out: str | None = None,
               sweep_without_table: bool = False, tree: int = 8,
               k_tree: int = 8, project_shape: str | None = None,
-              matmul: str = "xla") -> dict:
+              matmul: str = "xla", cooc_lookup: str = "xla") -> dict:
   """AR vs DynaMo, verified chain and verified tree on `prompts` (int [B,
   P]); see the module docstring for what is measured. `model_dir_or_loaded`
   is a checkpoint directory or a `dynamo_jax.Model`. With
@@ -138,9 +139,14 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
   with and without the co-occurrence weighting (the paper's CO ablation),
   each row saying which in "cooc". `matmul="native"` decodes (and projects)
   with the native CPU matmul over packed float32 weights
-  (kernels/cpu_matmul.py). Returns one JSON-able dict."""
+  (kernels/cpu_matmul.py); `cooc_lookup="native"` reads the co-occurrence
+  table with the native CPU lookup (kernels/cpu_cooc.py). Returns one
+  JSON-able dict."""
   if matmul not in ("xla", "native"):
     raise InputError(f"matmul must be 'xla' or 'native', got {matmul!r}.")
+  if cooc_lookup not in lookup.LOOKUPS:
+    raise InputError(f"cooc_lookup must be one of {lookup.LOOKUPS}, got "
+                     f"{cooc_lookup!r}.")
   model = _load(model_dir_or_loaded)
   if model.config.weight_layout == "panels":  # packed by the caller
     matmul = "native"
@@ -150,8 +156,9 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
     model = dataclasses.replace(model, config=config, params=params)
   prompts = np.asarray(prompts, np.int32)
   n = model.config.num_token_heads
-  # generate builds the table's device view once and caches it.
-  weights = model.cooc if use_cooc else None
+  # The table's device view, built once (generate takes it as it is).
+  weights = (lookup.device_table(model.cooc, lookup=cooc_lookup)
+             if use_cooc and model.cooc is not None else None)
   args = dict(seeds=list(seeds), new_tokens=new_tokens, temperature=temperature,
               timing_prompts=timing_prompts, repeats=repeats)
   dyn = dict(mode="dynamo", k=k)
@@ -173,7 +180,7 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
       "setup": {**args, "prompts": int(prompts.shape[0]),
                 "prompt_len": int(prompts.shape[1]), "eps_b": eps_b, "k": k,
                 "tree": tree, "k_tree": k_tree, "sampling": True,
-                "matmul": matmul},
+                "matmul": matmul, "cooc_lookup": cooc_lookup},
       "ar": {**ar, "seconds": ar_seconds,
              "seconds_range": speed["ar"]["seconds_range"],
              "per_pass_ms": speed["ar"]["per_pass_ms"],
@@ -327,6 +334,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="the model's matmuls: XLA's (default) or, on CPU, the "
                  "native few-row kernel over packed float32 weights "
                  "(kernels/cpu_matmul.py; needs a C++ compiler)")
+  p.add_argument("--cooc-lookup", default="xla", choices=["xla", "native"],
+                 help="the co-occurrence table's lookups: the jnp walk "
+                 "(default) or, on CPU, the native kernel "
+                 "(kernels/cpu_cooc.py; needs a C++ compiler)")
   p.add_argument("--project-shape", default=None, metavar="NAME",
                  type=_suite_shape,
                  help="also project the speed-up at this suite shape (e.g. "
@@ -370,7 +381,8 @@ def run(args) -> dict:
                      sweep=args.sweep, sweep_out=args.sweep_out,
                      sweep_without_table=args.sweep_without_table,
                      tree=args.tree, k_tree=args.k_tree,
-                     project_shape=args.project_shape, matmul=args.matmul)
+                     project_shape=args.project_shape, matmul=args.matmul,
+                     cooc_lookup=args.cooc_lookup)
   report["model"]["directory"] = directory
   json.dump(report, sys.stdout)
   print()

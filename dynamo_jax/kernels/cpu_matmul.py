@@ -30,137 +30,38 @@ or a non-CPU backend is an error that says so; nothing falls back to XLA.
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import threading
-from importlib import resources
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamo_jax import fileio
-from dynamo_jax.errors import DynamoError
+from dynamo_jax.kernels import native_build
+from dynamo_jax.kernels.native_build import NativeKernelError  # noqa: F401
 
 LANES = 32  # columns per panel (cpu_rows.cc: kLanes)
 TARGET = "dynamo_rows_matmul"
-_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17",
-          "-shared", "-fPIC", "-w")
+SOURCE = "cpu_rows.cc"
+_WHAT = "native CPU matmul"
 # Weights in the panel layout, by parameter name: how many leading axes of
 # the weight are contracted (the K axes; the rest are the N axes). The dense
 # specs in model/layers.py and model/pythia.py contract exactly these.
 _PACKED = {("qkv_kernel", 4): 1, ("out_kernel", 3): 2, ("in_kernel", 2): 1,
            ("out_kernel", 2): 1, ("embed_out", 2): 1}
 
-_lock = threading.Lock()
-_registered = False
 
-
-class NativeKernelError(DynamoError):
-  """The native CPU kernel cannot be built or used here."""
-
-
-def cache_dir() -> Path:
-  """$DYNAMO_CACHE/native (default ~/.cache/dynamo_jax/native)."""
-  from dynamo_jax.data import corpus  # pylint: disable=import-outside-toplevel
-  return Path(corpus.cache_dir()) / "native"
-
-
-# /proc/cpuinfo lines naming the CPU and its features (x86: model name,
-# flags; Arm: implementer, part, features): -march=native builds for them.
-_CPU_LINES = ("model name", "flags", "Features", "CPU implementer",
-              "CPU architecture", "CPU part")
-
-
-def _cpu_id() -> str:
-  try:
-    with open("/proc/cpuinfo") as fh:
-      lines = [l for l in fh if l.startswith(_CPU_LINES)]
-  except OSError:
-    lines = []
-  return "".join(sorted(set(lines))) or (platform.processor()
-                                         + platform.machine())
-
-
-def _compiler() -> str:
-  cxx = os.environ.get("CXX") or "g++"
-  path = shutil.which(cxx)
-  if path is None:
-    raise NativeKernelError(
-        f"the native CPU matmul is compiled on first use with a C++ compiler,"
-        f" and {cxx!r} was not found; install one (Debian/Ubuntu: apt install"
-        " g++) or set CXX, or decode without it (the default XLA matmul).")
-  return path
-
-
-def build() -> Path:
+def build():
   """The compiled kernel library (built now if not in the cache)."""
-  source = resources.files("dynamo_jax.kernels").joinpath("cpu_rows.cc")
-  code = source.read_bytes()
-  key = hashlib.sha256("\0".join(
-      [code.decode(), " ".join(_FLAGS), _cpu_id(), jax.__version__,
-       platform.machine()]).encode()).hexdigest()[:16]
-  out = cache_dir() / f"cpu_rows-{key}.so"
-  if out.exists():
-    return out
-  cxx = _compiler()
-  include = jax.ffi.include_dir()
-  try:
-    out.parent.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise NativeKernelError(
-        f"cannot create the kernel cache {out.parent} ({e.strerror}); set "
-        "DYNAMO_JAX_CACHE to a writable directory.") from None
-  fileio.remove_stale(str(out.parent), out.name)
-  tmp = out.parent / f"{fileio.temp_prefix(out.name)}so"
-  with resources.as_file(source) as src:
-    try:
-      done = subprocess.run([cxx, *_FLAGS, f"-I{include}", str(src), "-o",
-                             str(tmp)], capture_output=True, text=True,
-                            timeout=600)
-    except (OSError, subprocess.SubprocessError) as e:
-      raise NativeKernelError(f"running the C++ compiler {cxx} failed ({e})"
-                              "; fix it or set CXX to another one.") from None
-  if done.returncode:
-    tmp.unlink(missing_ok=True)
-    tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-    raise NativeKernelError(
-        f"compiling the native CPU matmul ({source}) with {cxx} failed: "
-        f"{tail}")
-  os.replace(tmp, out)  # atomic: a reader sees no library or the whole one
-  return out
+  return native_build.build(SOURCE, _WHAT)
 
 
 def register() -> None:
   """Builds (once per machine) and registers the kernel with XLA:CPU."""
-  global _registered
-  with _lock:
-    if _registered:
-      return
-    path = build()
-    try:
-      lib = ctypes.cdll.LoadLibrary(str(path))
-    except OSError as e:
-      raise NativeKernelError(
-          f"the native CPU matmul {path} does not load ({e}); delete it to "
-          "rebuild it.") from None
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.DynamoRowsMatmul),
-                                platform="cpu")
-    _registered = True
+  native_build.register(SOURCE, {TARGET: "DynamoRowsMatmul"}, _WHAT)
 
 
 def check_backend() -> None:
-  backend = jax.default_backend()
-  if backend != "cpu":
-    raise NativeKernelError(
-        f"the native matmul (weight_layout 'panels') is a CPU kernel, and "
-        f"this process computes on {backend!r}; decode with the plain "
-        "parameters there (XLA's matmuls).")
+  native_build.check_backend(
+      "native matmul (weight_layout 'panels')",
+      "decode with the plain parameters there (XLA's matmuls).")
 
 
 # ---- the layout ------------------------------------------------------------

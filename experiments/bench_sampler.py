@@ -327,7 +327,6 @@ def _bench_embedded(repeats, baseline=None, native_lookup=False):
     key = "lookup_ms" + name[len("cooc_table"):]
     out[key] = {}
     for m in range(2, N + 1):
-      # Both orders' weights at m = N (the sampler's one walk).
       lookup = jax.jit(lambda x, t, m=m: t.grid_weights(x[:, :m], 1.0))
       out[key][f"m{m}"] = cycled_ms(lambda i, t=t: lookup(ids[i], t))[0]
   if baseline is not None:

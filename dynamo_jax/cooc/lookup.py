@@ -83,15 +83,7 @@ class DeviceTable:
   an argument of jitted functions (from `device_table(table)`)."""
 
   def __init__(self, arrays: dict, lookup: str = "xla"):
-    if lookup not in LOOKUPS:
-      raise InputError(f"lookup must be one of {LOOKUPS}, got {lookup!r}.")
-    if lookup == "native":
-      from dynamo_jax.kernels import cpu_cooc  # pylint: disable=import-outside-toplevel
-      cpu_cooc.check_backend()
-      if _num_orders(arrays) > cpu_cooc.MAX_ORDER:
-        raise InputError(f"the native lookup reads orders up to "
-                         f"{cpu_cooc.MAX_ORDER}; build the table's device "
-                         "view with a lower max_order.")
+    _check_lookup(lookup)
     self.arrays = arrays
     self.lookup = lookup
 
@@ -139,6 +131,8 @@ def device_table(table: CoocTable, max_order: int | None = None,
   if not isinstance(table, CoocTable):
     raise InputError(f"device_table needs a CoocTable, got "
                      f"{type(table).__name__}.")
+  _check_lookup(lookup)  # before building: that takes seconds
+  max_order = table.max_order if max_order is None else max_order
   cached = _DEVICE_TABLES.get(id(table))
   if cached is None:
     cached = _DEVICE_TABLES[id(table)] = {}
@@ -148,6 +142,14 @@ def device_table(table: CoocTable, max_order: int | None = None,
     cached[max_order, lookup] = DeviceTable(
         same[0].arrays if same else to_device(table, max_order), lookup)
   return cached[max_order, lookup]
+
+
+def _check_lookup(lookup: str) -> None:
+  if lookup not in LOOKUPS:
+    raise InputError(f"lookup must be one of {LOOKUPS}, got {lookup!r}.")
+  if lookup == "native":
+    from dynamo_jax.kernels import cpu_cooc  # pylint: disable=import-outside-toplevel
+    cpu_cooc.check_backend()
 
 
 def _num_orders(table_arrays: dict) -> int:
@@ -265,13 +267,15 @@ def grid_weights_orders(table_arrays: dict, topk_ids_BxNxK: jax.Array,
     raise InputError(f"grid_weights needs 2 <= M <= "
                      f"{_num_orders(table_arrays)} (the orders on device), "
                      f"got M = {m_heads}.")
+  _check_lookup(lookup)
   if lookup == "native":
     from dynamo_jax.kernels import cpu_cooc  # pylint: disable=import-outside-toplevel
+    if m_heads > cpu_cooc.MAX_ORDER:
+      raise InputError(f"the native lookup reads grids of up to "
+                       f"{cpu_cooc.MAX_ORDER} heads, got M = {m_heads}.")
     bits = dict(zip(range(2, m_heads + 1),
                     cpu_cooc.grid_bits(table_arrays, topk_ids_BxNxK)))
     return _ratios_of_bits(bits, orders, alpha, b, k)
-  if lookup != "xla":
-    raise InputError(f"lookup must be one of {LOOKUPS}, got {lookup!r}.")
   root_off_V = table_arrays["root_off"]
   ids_BxMxK = topk_ids_BxNxK.astype(jnp.int32)
   valid_BxMxK = (ids_BxMxK >= 0) & (ids_BxMxK < root_off_V.shape[0])

@@ -157,8 +157,11 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
   prompts = np.asarray(prompts, np.int32)
   n = model.config.num_token_heads
   # The table's device view, built once (generate takes it as it is).
-  weights = (lookup.device_table(model.cooc, lookup=cooc_lookup)
-             if use_cooc and model.cooc is not None else None)
+  weights = None
+  if use_cooc and model.cooc is not None:
+    model.cooc.check_compatible(vocab_size=model.config.vocab_size,
+                                num_heads=n)
+    weights = lookup.device_table(model.cooc, lookup=cooc_lookup)
   args = dict(seeds=list(seeds), new_tokens=new_tokens, temperature=temperature,
               timing_prompts=timing_prompts, repeats=repeats)
   dyn = dict(mode="dynamo", k=k)
@@ -180,7 +183,8 @@ def run_bench(model_dir_or_loaded, prompts, *, eps_b: float = 0.5,
       "setup": {**args, "prompts": int(prompts.shape[0]),
                 "prompt_len": int(prompts.shape[1]), "eps_b": eps_b, "k": k,
                 "tree": tree, "k_tree": k_tree, "sampling": True,
-                "matmul": matmul, "cooc_lookup": cooc_lookup},
+                "matmul": matmul,
+                "cooc_lookup": cooc_lookup if weights is not None else None},
       "ar": {**ar, "seconds": ar_seconds,
              "seconds_range": speed["ar"]["seconds_range"],
              "per_pass_ms": speed["ar"]["per_pass_ms"],

@@ -8,8 +8,8 @@
 Chosen explicitly: `cooc.device_table(table, lookup="native")` (or
 `DeviceTable(arrays, lookup="native")`) gives a table whose lookups the
 sampler and the tree proposals run here; `python -m dynamo_jax bench
---cooc-lookup native` and experiments/bench_sampler.py / bench_cooc.py take
-the same switch. Built and cached like every native kernel
+--cooc-lookup native` uses it, and experiments/bench_sampler.py /
+bench_cooc.py `--native-lookup` time it beside the jnp walk. Built and cached like every native kernel
 (kernels/native_build.py); no compiler or a non-CPU backend is an error,
 never a fallback.
 """

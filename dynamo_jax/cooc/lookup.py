@@ -93,9 +93,7 @@ class DeviceTable:
 
   def grid_weights(self, topk_ids_BxMxK: jax.Array, alpha=1.0) -> jax.Array:
     """float32 [B, K, ..., K]; see `grid_weights`."""
-    return grid_weights_orders(self.arrays, topk_ids_BxMxK, alpha,
-                               orders=(topk_ids_BxMxK.shape[1],),
-                               lookup=self.lookup)[0]
+    return grid_weights(self.arrays, topk_ids_BxMxK, alpha, self.lookup)
 
   def grid_weights_orders(self, topk_ids_BxNxK: jax.Array,
                           alpha=1.0) -> list:
@@ -244,14 +242,15 @@ def _last_level_sparse(rows_ZxC, off_R, mask_R, tokens, b, i):
 
 
 def grid_weights(table_arrays: dict, topk_ids_BxMxK: jax.Array,
-                 alpha=1.0) -> jax.Array:
+                 alpha=1.0, lookup: str = "xla") -> jax.Array:
   """float32 [B, K, ..., K]: co-occurrence weights of the top-k grid.
 
   Jit-friendly; M and K come from the static shape of topk_ids_BxMxK.
   `alpha` may be traced; a Python 1 or 1.0 skips the power.
   """
   return grid_weights_orders(table_arrays, topk_ids_BxMxK, alpha,
-                             orders=(topk_ids_BxMxK.shape[1],))[0]
+                             orders=(topk_ids_BxMxK.shape[1],),
+                             lookup=lookup)[0]
 
 
 def grid_weights_orders(table_arrays: dict, topk_ids_BxNxK: jax.Array,

@@ -20,11 +20,8 @@ same weights. The kernel reads each weight once, as one sequential stream,
 for up to 8 rows at a time, split by columns between XLA:CPU's threads
 (`experiments/bench_rows_matmul.py` measures it).
 
-The kernel is compiled on first use from the package's own source with the
-machine's C++ compiler ($CXX, else g++), for this CPU (-march=native), into
-$DYNAMO_CACHE/native (the project's cache, default ~/.cache/dynamo_jax),
-keyed by the source, the flags, the CPU and jax's version; a cached build is
-used without a compiler. No compiler, a failed build
+The kernel is built, cached and registered by `native_build.py` (compiled
+on first use with the machine's C++ compiler). No compiler, a failed build
 or a non-CPU backend is an error that says so; nothing falls back to XLA.
 """
 

@@ -205,16 +205,19 @@ def keep_path(cache: KVCache, end_B, path_B, nd: int) -> KVCache:
   every layer's cache; `end` is left for the caller to set."""
   start_B = end_B + 1 + path_B * nd
 
-  def move(c_SxHxDh, src, dst):
-    chunk = jax.lax.dynamic_slice_in_dim(c_SxHxDh, src, nd, axis=0)
-    return jax.lax.dynamic_update_slice_in_dim(c_SxHxDh, chunk, dst, axis=0)
+  def move(c_HxDhxS, src, dst):
+    chunk = jax.lax.dynamic_slice_in_dim(c_HxDhxS, src, nd, axis=2)
+    return jax.lax.dynamic_update_slice_in_dim(c_HxDhxS, chunk, dst, axis=2)
 
+  b = end_B.shape[0]
   out = {}
   for name, entry in cache.items():
     if name == "end":
       out[name] = entry
       continue
-    out[name] = {kv: jax.vmap(move)(arr, start_B, end_B + 1)
+    # [BH, Dh, S] as [B, H, Dh, S] (dynamo_jax.model.layers.Cache).
+    out[name] = {kv: jax.vmap(move)(arr.reshape(b, -1, *arr.shape[1:]),
+                                    start_B, end_B + 1).reshape(arr.shape)
                  for kv, arr in entry.items()}
   return out
 

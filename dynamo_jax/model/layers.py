@@ -18,7 +18,15 @@ import jax.numpy as jnp
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.partitioning import constrain
 
-Cache = dict[str, jax.Array]  # {"k": [B,S,H,Dh], "v": [B,S,H,Dh]}
+# A layer's KV cache: {"k": [BH, Dh, S], "v": [BH, Dh, S]}, BH = B x H (row
+# b's heads at b*H .. b*H+H-1), each head's keys and values stored as Dh
+# rows of S slots. This is the layout the decode attention's products read
+# directly, with one batch axis: XLA:CPU then updates the cache in place
+# and reads it without copying it. With the cache as [B, S, H, Dh] it
+# copied every layer's keys and values into that layout in every pass, and
+# with two batch axes it wrote every new entry twice, on two copies of the
+# cache (a third of an AR pass on the embedded model).
+Cache = dict[str, jax.Array]
 
 
 def dense(spec: str, x, w, layout: str = "standard", **kwargs):
@@ -120,11 +128,15 @@ def apply_rotary(x_BxTxHxDh, cos, sin, rotary_dim: int):
   return jnp.concatenate([x_rot, x_pass], axis=-1).astype(x_BxTxHxDh.dtype)
 
 
-def write_cache(cache_BxSxHxDh, new_BxTxHxDh, end_B):
+def write_cache(cache_BHxDhxS, new_BxTxHxDh, end_B):
   """Writes each row's T new entries at that row's own end index."""
-  return jax.vmap(
-      lambda c, u, e: jax.lax.dynamic_update_slice(c, u, (e, 0, 0))
-  )(cache_BxSxHxDh, new_BxTxHxDh.astype(cache_BxSxHxDh.dtype), end_B)
+  b, _, h, dh = new_BxTxHxDh.shape
+  new_BxHxDhxT = jnp.transpose(new_BxTxHxDh, (0, 2, 3, 1)).astype(
+      cache_BHxDhxS.dtype)
+  cache_BxHxDhxS = jax.vmap(
+      lambda c, u, e: jax.lax.dynamic_update_slice(c, u, (0, 0, e))
+  )(cache_BHxDhxS.reshape(b, h, dh, -1), new_BxHxDhxT, end_B)
+  return cache_BxHxDhxS.reshape(b * h, dh, -1)
 
 
 def tree_mask(tree_TxT, end_B, s: int):
@@ -140,6 +152,37 @@ def tree_mask(tree_TxT, end_B, s: int):
   anc_TxBxS = jnp.asarray(tree_TxT, jnp.bool_)[:, jnp.clip(rel_BxS, 0, t - 1)]
   return ((rel_BxS < 0)[:, None, :]
           | (in_chunk_BxS[:, None, :] & jnp.swapaxes(anc_TxBxS, 0, 1)))
+
+
+def _attend_chunk(cfg: PythiaConfig, q_BxTxHxDh, k_BxTxHxDh, v_BxTxHxDh,
+                  positions_BxT):
+  """Causal attention within one chunk (no cache): training, scoring."""
+  # Scores and softmax in float32; scaling 1/sqrt(head_dim) as GPT-NeoX.
+  scores_BxHxTxT = jnp.einsum(
+      "bthk,bshk->bhts", q_BxTxHxDh, k_BxTxHxDh,
+      preferred_element_type=jnp.float32) * (cfg.head_dim ** -0.5)
+  mask_BxTxT = positions_BxT[:, None, :] <= positions_BxT[:, :, None]
+  scores_BxHxTxT = jnp.where(mask_BxTxT[:, None], scores_BxHxTxT,
+                             jnp.finfo(jnp.float32).min)
+  probs_BxHxTxT = jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(cfg.dtype)
+  return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxT, v_BxTxHxDh)
+
+
+def _attend_cache(cfg: PythiaConfig, q_BxTxHxDh, keys_BHxDhxS,
+                  values_BHxDhxS, mask_BxTxS):
+  """A decode chunk's T queries against the cache (see `Cache`)."""
+  b, t, h, dh = q_BxTxHxDh.shape
+  q_BHxTxDh = jnp.swapaxes(q_BxTxHxDh, 1, 2).reshape(b * h, t, dh)
+  scores_BHxTxS = jnp.einsum(
+      "ntk,nks->nts", q_BHxTxDh, keys_BHxDhxS.astype(cfg.dtype),
+      preferred_element_type=jnp.float32) * (dh ** -0.5)
+  scores_BxHxTxS = jnp.where(mask_BxTxS[:, None],
+                             scores_BHxTxS.reshape(b, h, t, -1),
+                             jnp.finfo(jnp.float32).min)
+  probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(cfg.dtype)
+  out_BHxTxDh = jnp.einsum("nts,nks->ntk", probs_BxHxTxS.reshape(b * h, t, -1),
+                           values_BHxDhxS.astype(cfg.dtype))
+  return jnp.swapaxes(out_BHxTxDh.reshape(b, h, t, dh), 1, 2)
 
 
 class Attention(nn.Module):
@@ -172,31 +215,23 @@ class Attention(nn.Module):
     k_BxTxHxDh = apply_rotary(k_BxTxHxDh, cos, sin, cfg.rotary_dim)
 
     if cache is None:
-      keys_BxSxHxDh, values_BxSxHxDh = k_BxTxHxDh, v_BxTxHxDh
-      key_pos_BxS = positions_BxT
+      out_BxTxHxDh = _attend_chunk(cfg, q_BxTxHxDh, k_BxTxHxDh, v_BxTxHxDh,
+                                   positions_BxT)
       new_cache = None
     else:
-      keys_BxSxHxDh = write_cache(cache["k"], k_BxTxHxDh, end_B)
-      values_BxSxHxDh = write_cache(cache["v"], v_BxTxHxDh, end_B)
-      s = keys_BxSxHxDh.shape[1]
-      key_pos_BxS = jnp.broadcast_to(jnp.arange(s), (x_BxTxD.shape[0], s))
-      new_cache = {"k": keys_BxSxHxDh, "v": values_BxSxHxDh}
-
-    # Scores and softmax in float32; scaling 1/sqrt(head_dim) as GPT-NeoX.
-    scores_BxHxTxS = jnp.einsum(
-        "bthk,bshk->bhts", q_BxTxHxDh, keys_BxSxHxDh.astype(cfg.dtype),
-        preferred_element_type=jnp.float32) * (k ** -0.5)
-    # Causal by position: a key is visible iff its position <= the query's.
-    # Cache slots past the query are either unwritten or this call's own
-    # later tokens, so this one mask is exact for cached and uncached calls.
-    mask_BxTxS = key_pos_BxS[:, None, :] <= positions_BxT[:, :, None]
-    if tree_TxT is not None:
-      mask_BxTxS = tree_mask(tree_TxT, end_B, keys_BxSxHxDh.shape[1])
-    scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS,
-                               jnp.finfo(jnp.float32).min)
-    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(cfg.dtype)
-    out_BxTxHxDh = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS,
-                             values_BxSxHxDh.astype(cfg.dtype))
+      keys_BHxDhxS = write_cache(cache["k"], k_BxTxHxDh, end_B)
+      values_BHxDhxS = write_cache(cache["v"], v_BxTxHxDh, end_B)
+      new_cache = {"k": keys_BHxDhxS, "v": values_BHxDhxS}
+      s = keys_BHxDhxS.shape[-1]
+      if tree_TxT is None:
+        # Causal by position: a slot is visible iff its position <= the
+        # query's. Slots past the query are either unwritten or this
+        # call's own later tokens, so this one mask is exact.
+        mask_BxTxS = jnp.arange(s)[None, None, :] <= positions_BxT[:, :, None]
+      else:
+        mask_BxTxS = tree_mask(tree_TxT, end_B, s)
+      out_BxTxHxDh = _attend_cache(cfg, q_BxTxHxDh, keys_BHxDhxS,
+                                   values_BHxDhxS, mask_BxTxS)
     y_BxTxD = dense("bthk,hkd->btd", out_BxTxHxDh,
                     w_out.astype(cfg.dtype),
                     cfg.weight_layout) + b_out.astype(cfg.dtype)

@@ -32,7 +32,8 @@ Params = dict[str, Any]
 # Logical layout of the residual stream [B, T, D] (see partitioning.py):
 # rows split like the batch, D whole on every device.
 RESIDUAL_AXES = ("batch", None, None)
-# {"layers_{i}": {"k": [B,S,H,K], "v": [B,S,H,K]}, "end": int32 [B]}
+# {"layers_{i}": {"k": [B*H,Dh,S], "v": [B*H,Dh,S]}, "end": int32 [B]}
+# (layout: dynamo_jax.model.layers.Cache)
 KVCache = dict[str, Any]
 
 
@@ -226,9 +227,10 @@ def forward(config: PythiaConfig, params: Params, input_ids, *,
 def init_cache(config: PythiaConfig, batch: int, max_len: int, *,
                all_heads: bool = False, dtype=None) -> KVCache:
   """An empty cache of `max_len` slots per row (end index 0) for every
-  decoder layer, plus every token head's layer when `all_heads`."""
+  decoder layer, plus every token head's layer when `all_heads`; layout in
+  `dynamo_jax.model.layers.Cache`."""
   dtype = jnp.dtype(dtype or config.dtype)
-  shape = (batch, max_len, config.num_heads, config.head_dim)
+  shape = (batch * config.num_heads, config.head_dim, max_len)
   names = [f"layers_{i}" for i in range(config.num_layers)]
   if all_heads:
     names += [f"heads_{i}" for i in range(2, config.num_token_heads + 1)]

@@ -151,6 +151,28 @@ def dynamo_init(config: PythiaConfig, params: Params, prompt_BxP,
                      fed_len_B=res.m_B, accepted_BxNp=accepted_BxNp)
 
 
+def _either(one, feed, n: int, cache):
+  """feed(1)(cache) if `one` else feed(n)(cache): (logits, cache).
+
+  As two while loops of 0 or 1 iterations rather than a lax.cond: XLA
+  updates a while loop's carry in place, but copies a cache that goes
+  through a conditional twice (into the branch and out of it), every layer's
+  keys and values, every pass.
+  """
+  def run(width, go):
+    def body(carry):
+      _, cache, _ = carry
+      logits, cache = feed(width)(cache)
+      return logits, cache, jnp.bool_(False)
+    logits = jax.eval_shape(feed(width), cache)[0]
+    init = (jnp.zeros(logits.shape, logits.dtype), cache, go)
+    return jax.lax.while_loop(lambda carry: carry[2], body, init)[:2]
+
+  logits_one, cache = run(1, one)
+  logits_n, cache = run(n, ~one)
+  return jnp.where(one, logits_one, logits_n), cache
+
+
 def dynamo_body(config: PythiaConfig, params: Params, state: DynamoState,
                 row_keys_Bx2, cooc, temperature, eps_b, repetition_penalty,
                 *, max_new_tokens: int,
@@ -161,27 +183,27 @@ def dynamo_body(config: PythiaConfig, params: Params, state: DynamoState,
   n = config.num_token_heads
 
   def feed(width):
-    return lambda: forward_cached(
-        config, params, state.cache, state.fed_BxN[:, :width],
+    return lambda cache: forward_cached(
+        config, params, cache, state.fed_BxN[:, :width],
         state.fed_len_B, all_heads=True, last_only=True,
         exact_head1=settings.exact_head1)
 
   # The chunk is padded to n. In float32, when no row emitted more than one
   # token last pass (always at eps_b = 1, most passes at a high eps_b), a
-  # lax.cond feeds just that one: on XLA:CPU, where float32 matmuls are
-  # compute-bound at this size, that saves ~9% of the embedded model's pass.
-  # Not with 16-bit compute or weights: XLA:CPU computes bf16 matmuls on
-  # float32 copies of the weights (and a float32 model casts 16-bit ones),
-  # converted once outside the decode loop but again in every pass inside a
-  # cond's branches (pythia-160m shape, bf16, eps_b 1: pass price 1.62 with
-  # the cond, 1.26 without; experiments/bench_pass_price.py); and a
+  # branch (`_either`) feeds just that one: on XLA:CPU, where float32
+  # matmuls are compute-bound at this size, that saves ~9% of the embedded
+  # model's pass. Not with 16-bit compute or weights: XLA:CPU computes bf16
+  # matmuls on float32 copies of the weights (and a float32 model casts
+  # 16-bit ones), converted once outside the decode loop but again in every
+  # pass inside a branch (pythia-160m shape, bf16, eps_b 1: pass price 1.62
+  # with a lax.cond, 1.26 without; experiments/bench_pass_price.py); and a
   # memory-bound accelerator reads the same weights for n rows as for one.
   if (jnp.dtype(config.dtype) == jnp.float32
       and jnp.dtype(config.param_dtype) == jnp.float32):
-    logits_NxBx1xV, cache = jax.lax.cond(jnp.all(state.fed_len_B <= 1),
-                                         feed(1), feed(n))
+    logits_NxBx1xV, cache = _either(jnp.all(state.fed_len_B <= 1), feed, n,
+                                    state.cache)
   else:
-    logits_NxBx1xV, cache = feed(n)()
+    logits_NxBx1xV, cache = feed(n)(state.cache)
   res = sample_with_settings(
       pass_keys(row_keys_Bx2, state.passes),
       jnp.swapaxes(logits_NxBx1xV[:, :, 0], 0, 1), state.out_BxG,

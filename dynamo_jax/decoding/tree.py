@@ -205,9 +205,9 @@ def keep_path(cache: KVCache, end_B, path_B, nd: int) -> KVCache:
   every layer's cache; `end` is left for the caller to set."""
   start_B = end_B + 1 + path_B * nd
 
-  def move(c_HxDhxS, src, dst):
-    chunk = jax.lax.dynamic_slice_in_dim(c_HxDhxS, src, nd, axis=2)
-    return jax.lax.dynamic_update_slice_in_dim(c_HxDhxS, chunk, dst, axis=2)
+  def move(c_HxSxDh, src, dst):
+    chunk = jax.lax.dynamic_slice_in_dim(c_HxSxDh, src, nd, axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(c_HxSxDh, chunk, dst, axis=1)
 
   b = end_B.shape[0]
   out = {}
@@ -215,7 +215,7 @@ def keep_path(cache: KVCache, end_B, path_B, nd: int) -> KVCache:
     if name == "end":
       out[name] = entry
       continue
-    # [BH, Dh, S] as [B, H, Dh, S] (dynamo_jax.model.layers.Cache).
+    # [BH, S, Dh] as [B, H, S, Dh] (dynamo_jax.model.layers.Cache).
     out[name] = {kv: jax.vmap(move)(arr.reshape(b, -1, *arr.shape[1:]),
                                     start_B, end_B + 1).reshape(arr.shape)
                  for kv, arr in entry.items()}

@@ -18,14 +18,13 @@ import jax.numpy as jnp
 from dynamo_jax.model.config import PythiaConfig
 from dynamo_jax.model.partitioning import constrain
 
-# A layer's KV cache: {"k": [BH, Dh, S], "v": [BH, Dh, S]}, BH = B x H (row
-# b's heads at b*H .. b*H+H-1), each head's keys and values stored as Dh
-# rows of S slots. This is the layout the decode attention's products read
-# directly, with one batch axis: XLA:CPU then updates the cache in place
-# and reads it without copying it. With the cache as [B, S, H, Dh] it
-# copied every layer's keys and values into that layout in every pass, and
-# with two batch axes it wrote every new entry twice, on two copies of the
-# cache (a third of an AR pass on the embedded model).
+# A layer's KV cache: {"k": [BH, S, Dh], "v": [BH, S, Dh]}, BH = B x H (row
+# b's heads at b*H .. b*H+H-1). The decode attention's two products read it
+# as it is, with one batch axis, so XLA:CPU updates it in place and reads it
+# without a copy. Stored as [B, S, H, Dh], as before, every pass copied each
+# layer's keys and values into the products' layout, and AR's loop wrote
+# each new entry twice, into two copies of the cache (about a third of an
+# AR pass on the embedded model).
 Cache = dict[str, jax.Array]
 
 
@@ -128,15 +127,14 @@ def apply_rotary(x_BxTxHxDh, cos, sin, rotary_dim: int):
   return jnp.concatenate([x_rot, x_pass], axis=-1).astype(x_BxTxHxDh.dtype)
 
 
-def write_cache(cache_BHxDhxS, new_BxTxHxDh, end_B):
+def write_cache(cache_BHxSxDh, new_BxTxHxDh, end_B):
   """Writes each row's T new entries at that row's own end index."""
   b, _, h, dh = new_BxTxHxDh.shape
-  new_BxHxDhxT = jnp.transpose(new_BxTxHxDh, (0, 2, 3, 1)).astype(
-      cache_BHxDhxS.dtype)
-  cache_BxHxDhxS = jax.vmap(
-      lambda c, u, e: jax.lax.dynamic_update_slice(c, u, (0, 0, e))
-  )(cache_BHxDhxS.reshape(b, h, dh, -1), new_BxHxDhxT, end_B)
-  return cache_BxHxDhxS.reshape(b * h, dh, -1)
+  new_BxHxTxDh = jnp.swapaxes(new_BxTxHxDh, 1, 2).astype(cache_BHxSxDh.dtype)
+  cache_BxHxSxDh = jax.vmap(
+      lambda c, u, e: jax.lax.dynamic_update_slice(c, u, (0, e, 0))
+  )(cache_BHxSxDh.reshape(b, h, -1, dh), new_BxHxTxDh, end_B)
+  return cache_BxHxSxDh.reshape(b * h, -1, dh)
 
 
 def tree_mask(tree_TxT, end_B, s: int):
@@ -168,20 +166,20 @@ def _attend_chunk(cfg: PythiaConfig, q_BxTxHxDh, k_BxTxHxDh, v_BxTxHxDh,
   return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxT, v_BxTxHxDh)
 
 
-def _attend_cache(cfg: PythiaConfig, q_BxTxHxDh, keys_BHxDhxS,
-                  values_BHxDhxS, mask_BxTxS):
+def _attend_cache(cfg: PythiaConfig, q_BxTxHxDh, keys_BHxSxDh,
+                  values_BHxSxDh, mask_BxTxS):
   """A decode chunk's T queries against the cache (see `Cache`)."""
   b, t, h, dh = q_BxTxHxDh.shape
   q_BHxTxDh = jnp.swapaxes(q_BxTxHxDh, 1, 2).reshape(b * h, t, dh)
   scores_BHxTxS = jnp.einsum(
-      "ntk,nks->nts", q_BHxTxDh, keys_BHxDhxS.astype(cfg.dtype),
+      "ntk,nsk->nts", q_BHxTxDh, keys_BHxSxDh.astype(cfg.dtype),
       preferred_element_type=jnp.float32) * (dh ** -0.5)
   scores_BxHxTxS = jnp.where(mask_BxTxS[:, None],
                              scores_BHxTxS.reshape(b, h, t, -1),
                              jnp.finfo(jnp.float32).min)
   probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(cfg.dtype)
-  out_BHxTxDh = jnp.einsum("nts,nks->ntk", probs_BxHxTxS.reshape(b * h, t, -1),
-                           values_BHxDhxS.astype(cfg.dtype))
+  out_BHxTxDh = jnp.einsum("nts,nsk->ntk", probs_BxHxTxS.reshape(b * h, t, -1),
+                           values_BHxSxDh.astype(cfg.dtype))
   return jnp.swapaxes(out_BHxTxDh.reshape(b, h, t, dh), 1, 2)
 
 
@@ -219,10 +217,10 @@ class Attention(nn.Module):
                                    positions_BxT)
       new_cache = None
     else:
-      keys_BHxDhxS = write_cache(cache["k"], k_BxTxHxDh, end_B)
-      values_BHxDhxS = write_cache(cache["v"], v_BxTxHxDh, end_B)
-      new_cache = {"k": keys_BHxDhxS, "v": values_BHxDhxS}
-      s = keys_BHxDhxS.shape[-1]
+      keys_BHxSxDh = write_cache(cache["k"], k_BxTxHxDh, end_B)
+      values_BHxSxDh = write_cache(cache["v"], v_BxTxHxDh, end_B)
+      new_cache = {"k": keys_BHxSxDh, "v": values_BHxSxDh}
+      s = keys_BHxSxDh.shape[1]
       if tree_TxT is None:
         # Causal by position: a slot is visible iff its position <= the
         # query's. Slots past the query are either unwritten or this
@@ -230,8 +228,8 @@ class Attention(nn.Module):
         mask_BxTxS = jnp.arange(s)[None, None, :] <= positions_BxT[:, :, None]
       else:
         mask_BxTxS = tree_mask(tree_TxT, end_B, s)
-      out_BxTxHxDh = _attend_cache(cfg, q_BxTxHxDh, keys_BHxDhxS,
-                                   values_BHxDhxS, mask_BxTxS)
+      out_BxTxHxDh = _attend_cache(cfg, q_BxTxHxDh, keys_BHxSxDh,
+                                   values_BHxSxDh, mask_BxTxS)
     y_BxTxD = dense("bthk,hkd->btd", out_BxTxHxDh,
                     w_out.astype(cfg.dtype),
                     cfg.weight_layout) + b_out.astype(cfg.dtype)

@@ -32,7 +32,7 @@ Params = dict[str, Any]
 # Logical layout of the residual stream [B, T, D] (see partitioning.py):
 # rows split like the batch, D whole on every device.
 RESIDUAL_AXES = ("batch", None, None)
-# {"layers_{i}": {"k": [B*H,Dh,S], "v": [B*H,Dh,S]}, "end": int32 [B]}
+# {"layers_{i}": {"k": [B*H,S,Dh], "v": [B*H,S,Dh]}, "end": int32 [B]}
 # (layout: dynamo_jax.model.layers.Cache)
 KVCache = dict[str, Any]
 
@@ -230,7 +230,7 @@ def init_cache(config: PythiaConfig, batch: int, max_len: int, *,
   decoder layer, plus every token head's layer when `all_heads`; layout in
   `dynamo_jax.model.layers.Cache`."""
   dtype = jnp.dtype(dtype or config.dtype)
-  shape = (batch * config.num_heads, config.head_dim, max_len)
+  shape = (batch * config.num_heads, max_len, config.head_dim)
   names = [f"layers_{i}" for i in range(config.num_layers)]
   if all_heads:
     names += [f"heads_{i}" for i in range(2, config.num_token_heads + 1)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -13,10 +15,20 @@ def row_keys(seed, batch: int) -> jax.Array:
   B ints (row b gets PRNGKey(seed[b])); with explicit per-row seeds a row's
   tokens do not depend on which batch it is decoded in.
   """
+  # Jitted: run eagerly, the vmapped fold_in took ~0.8 ms of every
+  # `generate` call on CPU.
   if isinstance(seed, int):
-    base = jax.random.PRNGKey(seed)
-    return jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch))
-  return jax.vmap(jax.random.PRNGKey)(jnp.asarray(seed, jnp.uint32))
+    return _folded_keys(jnp.asarray(seed, jnp.uint32), batch)
+  return _seeded_keys(jnp.asarray(seed, jnp.uint32))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _folded_keys(seed, batch: int):
+  base = jax.random.PRNGKey(seed)
+  return jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch))
+
+
+_seeded_keys = jax.jit(jax.vmap(jax.random.PRNGKey))
 
 
 def sample_tokens(keys_Bx2: jax.Array, logits_BxV: jax.Array, *, greedy: bool,

@@ -21,10 +21,10 @@ from dynamo_jax.model.partitioning import constrain
 # A layer's KV cache: {"k": [BH, S, Dh], "v": [BH, S, Dh]}, BH = B x H (row
 # b's heads at b*H .. b*H+H-1). The decode attention's two products read it
 # as it is, with one batch axis, so XLA:CPU updates it in place and reads it
-# without a copy. Stored as [B, S, H, Dh], as before, every pass copied each
-# layer's keys and values into the products' layout, and AR's loop wrote
-# each new entry twice, into two copies of the cache (about a third of an
-# AR pass on the embedded model).
+# without a copy. As [B, S, H, Dh] every pass copied each layer's keys and
+# values into the products' layout; with two batch axes ([B, H, ...]) XLA
+# fused the write into a product's operand too, writing each new entry into
+# two copies of the cache (README, Decoding, "The KV cache in place").
 Cache = dict[str, jax.Array]
 
 

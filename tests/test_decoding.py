@@ -32,7 +32,7 @@ def test_eps_b_one_is_ar(t3, rng):
 
 
 def test_eps_b_one_is_ar_in_bfloat16(t3, rng):
-  """bf16 DynaMo feeds the n-padded chunk (no one-token cond; dynamo_body)
+  """bf16 DynaMo feeds the n-padded chunk (no one-token branch; dynamo_body)
   and one-row products take two rows on CPU (layers.dense): eps_b 1 must
   still draw AR's tokens, sampled and greedy, with the exact head 1."""
   config, params = t3

@@ -195,9 +195,10 @@ def dynamo_body(config: PythiaConfig, params: Params, state: DynamoState,
   # model's pass. Not with 16-bit compute or weights: XLA:CPU computes bf16
   # matmuls on float32 copies of the weights (and a float32 model casts
   # 16-bit ones), converted once outside the decode loop but again in every
-  # pass inside a branch (pythia-160m shape, bf16, eps_b 1: pass price 1.62
-  # with a lax.cond, 1.26 without; experiments/bench_pass_price.py); and a
-  # memory-bound accelerator reads the same weights for n rows as for one.
+  # pass inside a lax.cond's branches (pythia-160m shape, bf16, eps_b 1:
+  # pass price 1.62 with the cond, 1.26 without; bench_pass_price.py; not
+  # re-measured with `_either`); and a memory-bound accelerator reads the
+  # same weights for n rows as for one.
   if (jnp.dtype(config.dtype) == jnp.float32
       and jnp.dtype(config.param_dtype) == jnp.float32):
     logits_NxBx1xV, cache = _either(jnp.all(state.fed_len_B <= 1), feed, n,

@@ -152,6 +152,14 @@ def tree_mask(tree_TxT, end_B, s: int):
           | (in_chunk_BxS[:, None, :] & jnp.swapaxes(anc_TxBxS, 0, 1)))
 
 
+def _masked_softmax(cfg: PythiaConfig, scores_BxHxTxS, mask_BxTxS):
+  """Attention weights in the compute dtype: softmax over S in float32 of
+  the scores where mask_BxTxS holds (every head alike), 0 elsewhere."""
+  scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS,
+                             jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(cfg.dtype)
+
+
 def _attend_chunk(cfg: PythiaConfig, q_BxTxHxDh, k_BxTxHxDh, v_BxTxHxDh,
                   positions_BxT):
   """Causal attention within one chunk (no cache): training, scoring."""
@@ -160,9 +168,7 @@ def _attend_chunk(cfg: PythiaConfig, q_BxTxHxDh, k_BxTxHxDh, v_BxTxHxDh,
       "bthk,bshk->bhts", q_BxTxHxDh, k_BxTxHxDh,
       preferred_element_type=jnp.float32) * (cfg.head_dim ** -0.5)
   mask_BxTxT = positions_BxT[:, None, :] <= positions_BxT[:, :, None]
-  scores_BxHxTxT = jnp.where(mask_BxTxT[:, None], scores_BxHxTxT,
-                             jnp.finfo(jnp.float32).min)
-  probs_BxHxTxT = jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(cfg.dtype)
+  probs_BxHxTxT = _masked_softmax(cfg, scores_BxHxTxT, mask_BxTxT)
   return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxT, v_BxTxHxDh)
 
 
@@ -174,10 +180,8 @@ def _attend_cache(cfg: PythiaConfig, q_BxTxHxDh, keys_BHxSxDh,
   scores_BHxTxS = jnp.einsum(
       "ntk,nsk->nts", q_BHxTxDh, keys_BHxSxDh.astype(cfg.dtype),
       preferred_element_type=jnp.float32) * (dh ** -0.5)
-  scores_BxHxTxS = jnp.where(mask_BxTxS[:, None],
-                             scores_BHxTxS.reshape(b, h, t, -1),
-                             jnp.finfo(jnp.float32).min)
-  probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(cfg.dtype)
+  probs_BxHxTxS = _masked_softmax(cfg, scores_BHxTxS.reshape(b, h, t, -1),
+                                  mask_BxTxS)
   out_BHxTxDh = jnp.einsum("nts,nsk->ntk", probs_BxHxTxS.reshape(b * h, t, -1),
                            values_BHxSxDh.astype(cfg.dtype))
   return jnp.swapaxes(out_BHxTxDh.reshape(b, h, t, dh), 1, 2)

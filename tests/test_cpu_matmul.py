@@ -20,7 +20,8 @@ from dynamo_jax.decoding.generate import generate
 from dynamo_jax.errors import CheckpointError, DynamoError
 from dynamo_jax.kernels import cpu_matmul
 from dynamo_jax.model.config import tiny_config
-from dynamo_jax.model.pythia import forward, init_params
+from dynamo_jax.model.pythia import (forward, forward_cached, init_cache,
+                                     init_params)
 
 
 def _operands(rows, k, n, seed=0):
@@ -112,6 +113,23 @@ def test_packed_dynamo_at_eps_b_one_is_packed_ar(tiny, greedy):
   dyn = generate(pconfig, pparams, prompt, max_new_tokens=10, mode="dynamo",
                  eps_b=1.0, greedy=greedy, seed=[4, 5])
   np.testing.assert_array_equal(dyn.tokens, ar.tokens)
+
+
+def test_packed_heads_share_one_unembedding_and_head1_stays_exact(tiny):
+  # With the panels, every head is unembedded in one matmul (exact_head1
+  # costs nothing there); head 1's logits are still AR's, bit for bit.
+  _, _, (pconfig, pparams) = tiny
+  ids = np.random.default_rng(3).integers(1, pconfig.vocab_size, (2, 6))
+  cache = init_cache(pconfig, 2, 8, all_heads=True)
+  step = jax.jit(lambda c, t: forward_cached(
+      pconfig, pparams, c, t, all_heads=True, last_only=True))
+  heads, _ = step(cache, ids)
+  alone, _ = jax.jit(lambda c, t: forward_cached(
+      pconfig, pparams, c, t, last_only=True))(init_cache(pconfig, 2, 8), ids)
+  np.testing.assert_array_equal(np.asarray(heads[0]), np.asarray(alone))
+  text = step.lower(cache, ids).as_text()
+  assert text.count(cpu_matmul.TARGET) == 4 * pconfig.num_layers + 4 * (
+      pconfig.num_token_heads - 1) + 1
 
 
 def test_pack_params_packs_exactly_the_dense_weights(tiny):

@@ -37,7 +37,9 @@ class SamplerSettings(NamedTuple):
   one matmul for all heads (embed_out read once: ~20% of the model part at
   pythia-70m's shape on CPU, experiments/bench_step.py); head 1's logits
   then differ from AR's by rounding (~1e-6), which can flip a rare
-  near-tied draw.
+  near-tied draw. With the native CPU matmul (`cpu_matmul.pack_params`) a
+  row's logits do not depend on the rows unembedded with it, so there one
+  matmul serves every head and head 1 is exact either way.
   """
   k: int = 50
   alpha: float = 1.0

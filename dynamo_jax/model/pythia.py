@@ -134,9 +134,11 @@ class Pythia(nn.Module):
     # whole [D, V] embed_out, at decode time most of a head's bytes. Head 1
     # keeps its own, the same matmul as the base model's: a matmul with more
     # rows may round differently, and head 1 must equal the base bit for bit
-    # (eps_b = 1 and verified greedy reproduce plain AR exactly).
+    # (eps_b = 1 and verified greedy reproduce plain AR exactly). The
+    # native matmul (weight_layout "panels") computes each row alone
+    # (kernels/cpu_rows.cc), so there one matmul keeps head 1 exact.
     b, t, _ = hiddens[0].shape
-    if not exact_head1:
+    if not exact_head1 or self.config.weight_layout == "panels":
       logits_NBxTxV = self.unembed(jnp.concatenate(hiddens, axis=0))
       return logits_NBxTxV.reshape(len(hiddens), b, t, -1), updates
     head1_BxTxV = self.unembed(hiddens[0])

@@ -89,6 +89,32 @@ def remove_stale(parent: str, name: str) -> list[str]:
   return removed
 
 
+def _own_temp(make: Callable, parent: str, prefix: str):
+  """make(): tempfile.mkstemp or mkdtemp with `prefix` (this process's,
+  `temp_prefix`) in `parent`. A Ctrl-C or SIGTERM can land inside it after
+  it made the entry and before it returned the name, where no caller could
+  remove it; then what is new under this process's prefix is removed before
+  the interrupt goes on."""
+  def own() -> set:
+    try:
+      return {e for e in os.listdir(parent) if e.startswith(prefix)}
+    except OSError:
+      return set()
+
+  before = own()
+  try:
+    return make()
+  except BaseException:
+    for entry in own() - before:
+      path = os.path.join(parent, entry)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        with contextlib.suppress(OSError):
+          os.remove(path)
+    raise
+
+
 def _umask() -> int:
   mask = os.umask(0o022)
   os.umask(mask)
@@ -103,7 +129,10 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> None:
   path = os.path.abspath(os.fspath(path))
   directory, name = os.path.split(path)
   remove_stale(directory, name)
-  fd, tmp = tempfile.mkstemp(prefix=temp_prefix(name), dir=directory)
+  prefix = temp_prefix(name)
+  fd, tmp = _own_temp(
+      lambda: tempfile.mkstemp(prefix=prefix, dir=directory), directory,
+      prefix)
   try:
     with os.fdopen(fd, "wb") as fh:
       write(fh)
@@ -142,7 +171,9 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[str]:
   try:
     os.makedirs(parent, exist_ok=True)
     remove_stale(parent, name)
-    tmp = tempfile.mkdtemp(prefix=temp_prefix(name), dir=parent)
+    prefix = temp_prefix(name)
+    tmp = _own_temp(lambda: tempfile.mkdtemp(prefix=prefix, dir=parent),
+                    parent, prefix)
   except OSError as e:
     raise CheckpointError(f"cannot write {out_dir}: {e.strerror or e} "
                           f"({e.filename or parent}); choose a writable "

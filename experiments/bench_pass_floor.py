@@ -10,9 +10,9 @@ tokens per pass to be no slower than AR even if everything else it does
 were free. Compare with the tokens per pass of `python -m dynamo_jax bench`.
 
 Loops, each 64 passes inside one jitted `fori_loop` from a cache prefilled
-with a 32-token prompt (the mode's own, as `generate` builds it; each call
-copies it once), calls interleaved in one process, medians over
-`--repeats`:
+with a 32-token prompt (one length for every loop, `generate`'s for 64 new
+tokens; each call copies it once), calls interleaved in one process,
+medians over `--repeats`:
   ar             AR's pass, sampling at T 0.7 (as `bench` times it)
   dynamo_feed_1  DynaMo's model part after a one-token step (every pass at
                  eps_b 1): one token in, every head unembedded at it
@@ -64,6 +64,11 @@ def _loop(config, kind: str, n: int):
 
     def body(i, state):
       cache, tok = state
+      # Every loop's cache has generate's length (prompt + passes + n);
+      # a loop that feeds n tokens a pass would outrun it, so its end
+      # stops at prompt + passes and it rewrites the last slots from there
+      # (attention covers every slot, filled or not: the work is the same).
+      cache = {**cache, "end": jnp.minimum(cache["end"], PROMPT + PASSES)}
       if kind == "ar":
         nxt, cache = ar_pass(config, params, cache, tok[:, :1], keys, i,
                              jnp.float32(0.7), greedy=False)
@@ -89,12 +94,12 @@ def _loop(config, kind: str, n: int):
 
 
 def _prefill(config, params, kind: str, n: int):
-  """The prompt in a cache as `generate` builds it for this mode: AR's
-  without head entries, the others' with them and room for n per pass."""
+  """The prompt in a cache of `generate`'s length for P + PASSES tokens
+  (the same for every loop); AR's has no head entries, as `generate`
+  builds it."""
   prompt = jnp.arange(5, 5 + PROMPT, dtype=jnp.int32)[None]
   heads = kind != "ar"
-  cache = init_cache(config, 1, PROMPT + (PASSES * n + n if heads else
-                                          PASSES + 1), all_heads=heads)
+  cache = init_cache(config, 1, PROMPT + PASSES + n, all_heads=heads)
   _, cache = jax.jit(lambda p, c: forward_cached(
       config, p, c, prompt, all_heads=heads, last_only=True))(params, cache)
   return cache

@@ -73,6 +73,12 @@ def test_a_row_does_not_depend_on_the_rows_fed_with_it():
   for r in (0, 3, 8, 16):
     np.testing.assert_array_equal(np.asarray(call(x[r:r + 1], packed))[0],
                                   together[r])
+  # Every row count a sweep can have (1..9: the 8-row sweep and a remainder)
+  # gives its leading rows the bits they get alone; 577 columns leave a
+  # 1-column block after the 32-column panels.
+  for rows in range(1, 10):
+    np.testing.assert_array_equal(np.asarray(call(x[:rows], packed)),
+                                  together[:rows])
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +127,14 @@ def test_packed_heads_share_one_unembedding_and_head1_stays_exact(tiny):
   _, _, (pconfig, pparams) = tiny
   ids = np.random.default_rng(3).integers(1, pconfig.vocab_size, (2, 6))
   cache = init_cache(pconfig, 2, 8, all_heads=True)
-  step = jax.jit(lambda c, t: forward_cached(
-      pconfig, pparams, c, t, all_heads=True, last_only=True))
-  heads, _ = step(cache, ids)
-  alone, _ = jax.jit(lambda c, t: forward_cached(
-      pconfig, pparams, c, t, last_only=True))(init_cache(pconfig, 2, 8), ids)
+  step = jax.jit(lambda p, c, t: forward_cached(
+      pconfig, p, c, t, all_heads=True, last_only=True))
+  heads, _ = step(pparams, cache, ids)
+  alone, _ = jax.jit(lambda p, c, t: forward_cached(
+      pconfig, p, c, t, last_only=True))(pparams, init_cache(pconfig, 2, 8),
+                                         ids)
   np.testing.assert_array_equal(np.asarray(heads[0]), np.asarray(alone))
-  text = step.lower(cache, ids).as_text()
+  text = step.lower(pparams, cache, ids).as_text()
   assert text.count(cpu_matmul.TARGET) == 4 * pconfig.num_layers + 4 * (
       pconfig.num_token_heads - 1) + 1
 

@@ -118,6 +118,32 @@ def test_sigterm_and_ctrl_c_during_convert(sig, code, word, hf_dir, tmp_path):
   assert not out.exists() and not _leftovers(tmp_path, "ours")
 
 
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_an_interrupt_inside_mkdtemp_leaves_nothing(kind, tmp_path,
+                                                    monkeypatch):
+  # The window the signal tests above hit by chance: the temp entry exists
+  # (so the test signals) but mkdtemp / mkstemp has not returned its name.
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from dynamo_jax import fileio  # pylint: disable=import-outside-toplevel
+  name = "mkdtemp" if kind == "dir" else "mkstemp"
+  real = getattr(tempfile, name)
+
+  def made_then_interrupted(*args, **kwargs):
+    made = real(*args, **kwargs)
+    if kind == "file":
+      os.close(made[0])
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(tempfile, name, made_then_interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    if kind == "dir":
+      with fileio.atomic_dir(tmp_path / "out"):
+        pass
+    else:
+      fileio.atomic_write(tmp_path / "out", lambda fh: fh.write(b"x"))
+  assert os.listdir(tmp_path) == []
+
+
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory):
   path = tmp_path_factory.mktemp("tok") / "ids.npy"

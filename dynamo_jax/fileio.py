@@ -80,13 +80,18 @@ def remove_stale(parent: str, name: str) -> list[str]:
     if not pid.isdigit() or host != _HOST or _owner_alive(int(pid)):
       continue
     path = os.path.join(parent, entry)
-    if os.path.isdir(path) and not os.path.islink(path):
-      shutil.rmtree(path, ignore_errors=True)
-    else:
-      with contextlib.suppress(OSError):
-        os.remove(path)
+    _remove(path)
     removed.append(path)
   return removed
+
+
+def _remove(path: str) -> None:
+  """Removes a temporary entry: a directory tree or a file (or link)."""
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
+  else:
+    with contextlib.suppress(OSError):
+      os.remove(path)
 
 
 def _own_temp(make: Callable, parent: str, prefix: str):
@@ -106,12 +111,7 @@ def _own_temp(make: Callable, parent: str, prefix: str):
     return make()
   except BaseException:
     for entry in own() - before:
-      path = os.path.join(parent, entry)
-      if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-      else:
-        with contextlib.suppress(OSError):
-          os.remove(path)
+      _remove(os.path.join(parent, entry))
     raise
 
 

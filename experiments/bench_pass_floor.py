@@ -16,7 +16,8 @@ medians over `--repeats`:
   ar             AR's pass, sampling at T 0.7 (as `bench` times it)
   dynamo_feed_1  DynaMo's model part after a one-token step (every pass at
                  eps_b 1): one token in, every head unembedded at it
-                 (head 1 on its own, `exact_head1`, the default)
+                 (`exact_head1`, the default: head 1 in its own matmul
+                 with XLA's, all heads in one with the native matmul)
   dynamo_feed_n  the same after an n-token step: n tokens in
   chain          the chain's model part: n tokens in, head 1 unembedded at
                  each, heads 2..n at one of them
